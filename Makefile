@@ -1,0 +1,38 @@
+# `make train` and `make test` create the virtual environment on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test test-slow test-all bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)  ## train the default experiment (a CNN on scikit-learn's digits)
+	$(PY) train.py $(ARGS)
+
+# pytest exits 5 when it collected no test: for the default suite that is a failure, not a pass
+test: $(STAMP)  ## the fast test suite (CI runs this)
+	$(PY) -m pytest -m "not slow" $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-slow: $(STAMP)  ## tests that train to the quality bounds of the experiment configs
+	$(PY) -m pytest -m slow $(ARGS); rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)  ## speed and quality tables
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/quality.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,140 @@
+"""Entry points of train.py and evaluate.py: Hydra parses overrides, zoo.run works, mistakes end in one line.
+
+Only Hydra is imported up front, so `python train.py --help` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def train_main() -> None:
+    _hydra_main("train", lambda cfg: __import__("zoo.run", fromlist=["train"]).train(cfg))
+
+
+def evaluate_main() -> None:
+    _hydra_main("eval", lambda cfg: __import__("zoo.run", fromlist=["evaluate"]).evaluate(cfg))
+
+
+def _hydra_main(config_name: str, work: Callable[[Any], Any]) -> None:
+    import hydra
+
+    args = sys.argv[1:]
+    with _one_line_errors():
+        check_overrides(config_name, args)
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    def main(cfg: Any) -> Any:
+        with _one_line_errors():
+            return work(cfg)
+
+    main()
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Report mistakes in the user's input as `error: ...` and exit 2; HYDRA_FULL_ERROR=1 shows the traceback."""
+    from hydra.errors import HydraException, InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from zoo.errors import UserError
+
+    try:
+        yield
+    except (UserError, InstantiationException, HydraException, OmegaConfBaseException) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {describe(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def describe(error: BaseException) -> str:
+    """One line: the innermost message that names a key or value, without Hydra's framing."""
+    from hydra.errors import InstantiationException
+
+    root = error
+    while isinstance(root, InstantiationException) and root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, InstantiationException):
+        # Hydra folds the cause into its message: "Error in call to target 'x':\nValueError(...)\nfull_key: ..."
+        lines = [line for line in str(root).splitlines() if line.strip()]
+        return " ".join(lines[:2]) if lines else type(root).__name__
+    text = " ".join(line.strip() for line in str(root).splitlines() if line.strip())
+    return text or type(root).__name__
+
+
+def check_overrides(config_name: str, args: list[str]) -> None:
+    """Validate the command line before Hydra creates a run folder, with one-line messages.
+
+    Group choices (model=..., data=...) are checked against the files in configs/, sweep values
+    included; a single run is composed in full so that a mistyped key is caught with a suggestion.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return  # --help, --cfg, -cp ...: Hydra's own modes, and Lightning's DDP child processes
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        group_dir = CONFIG_DIR / key
+        if key.startswith("hydra") or not group_dir.is_dir() or not value:
+            continue
+        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and choice != "null":
+                raise _user_error(f"{key}: no config '{choice}'; allowed: {', '.join(options)}")
+    if overrides and "-m" not in args and "--multirun" not in args:
+        _compose(config_name, overrides)
+    for override in overrides:
+        if override.startswith("hydra.run.dir=") and "LOCAL_RANK" not in os.environ:
+            run_dir = Path(override.split("=", 1)[1].strip("'\""))
+            if (run_dir / ".hydra").exists() or (run_dir / "checkpoints").exists():
+                raise _user_error(f"hydra.run.dir: '{run_dir}' holds an earlier run; choose a new folder")
+
+
+def _compose(config_name: str, overrides: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigKeyError
+
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name, overrides=job_overrides)
+    except OverrideParseException as error:
+        raise _user_error(f"cannot parse override: {describe(error)}") from error
+    except MissingConfigException as error:
+        raise _user_error(describe(error)) from error
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigKeyError) and cause.full_key:
+            raise _user_error(_unknown_key_message(config_name, str(cause.full_key), job_overrides)) from error
+        raise _user_error(describe(error)) from error
+
+
+def _unknown_key_message(config_name: str, full_key: str, overrides: list[str]) -> str:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = full_key.rpartition(".")
+    others = [o for o in overrides if not o.lstrip("+~").startswith(full_key + "=")]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=others)
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = [str(k) for k in node.keys()] if OmegaConf.is_dict(node) else []
+    close = difflib.get_close_matches(leaf, keys, n=3)
+    hint = f"did you mean {', '.join((parent + '.' if parent else '') + k for k in close)}?" if close else (
+        f"keys there: {', '.join(keys)}" if keys else "")
+    return f"{full_key}: no such config key; {hint} (add a new key with +{full_key}=...)".replace("; (", " (")
+
+
+def _user_error(message: str) -> Exception:
+    from zoo.errors import UserError
+
+    return UserError(message)

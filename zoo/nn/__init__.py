@@ -1,0 +1,1 @@
+"""Plain nn.Modules: no Lightning, no Hydra, usable in any training loop."""

@@ -1,0 +1,250 @@
+"""train(cfg) and evaluate(cfg): plain functions from a composed config to a finished run.
+
+The command-line scripts are thin Hydra wrappers around these; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from zoo.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, then test with the best checkpoint; with `cv.folds > 1`, once per fold.
+
+    Returns `cfg.optimized_metric` (its mean over folds), the value sweeps and Optuna optimize.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    _start(cfg, output_dir)
+    folds = int(cfg.get("cv", {}).get("folds", 1))
+    metrics = cross_validate(cfg, output_dir, folds) if folds > 1 else fit_and_test(cfg, output_dir)
+    value = metrics.get(cfg.optimized_metric)
+    if value is None:
+        log.warning("optimized_metric '%s' was not logged; logged: %s", cfg.optimized_metric, ", ".join(metrics))
+    return value
+
+
+def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    import lightning as L
+    from hydra.utils import instantiate
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        check_checkpoint(ckpt_path, model)
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(_floats(trainer.callback_metrics))
+    if cfg.get("test", True):
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None and cfg.get("train", True) else ""
+        if not best and not cfg.get("train", True):
+            best = ckpt_path or ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update(_floats(trainer.callback_metrics))
+
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        _log_hparams(trainer, cfg, metrics)
+    return metrics
+
+
+def cross_validate(cfg: DictConfig, output_dir: Path, folds: int) -> dict[str, float]:
+    """k-fold CV: each fold trains a fresh model in its own sub-folder; reports mean and std of each metric."""
+    results = []
+    for fold in range(folds):
+        fold_cfg = cfg.copy()
+        with open_dict(fold_cfg):
+            fold_cfg.data.folds, fold_cfg.data.fold = folds, fold
+            fold_cfg.paths.output_dir = str(output_dir / f"fold_{fold}")
+        Path(fold_cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(fold_cfg, Path(fold_cfg.paths.output_dir) / "config.yaml", resolve=True)
+        log.info("cross-validation: fold %d of %d", fold + 1, folds)
+        results.append(fit_and_test(fold_cfg, Path(fold_cfg.paths.output_dir)))
+
+    summary: dict[str, float] = {}
+    for name in sorted(set.intersection(*(set(r) for r in results))):
+        values = [r[name] for r in results]
+        mean = sum(values) / folds
+        summary[name] = mean
+        summary[f"{name}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (folds - 1))
+    report = {"folds": folds, "per_fold": results, "mean": {k: v for k, v in summary.items() if not k.endswith("_std")},
+              "std": {k[:-4]: v for k, v in summary.items() if k.endswith("_std")}}
+    (output_dir / "cv.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    _write_scalars(output_dir / "tensorboard" / "cv", {f"cv/{k}": v for k, v in summary.items()})
+    print(f"\n{folds}-fold cross-validation (mean ± std over folds)")
+    print(format_table({k: f"{report['mean'][k]:.4f} ± {report['std'][k]:.4f}" for k in report["mean"]
+                        if k.startswith("test/")}))
+    return summary
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild the model and data from the config saved in the checkpoint's run folder and score it."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = Path(cfg.ckpt_path)
+    run_cfg = saved_run_config(ckpt_path)
+    if cfg.get("batch_size"):
+        run_cfg.data.eval_batch_size = cfg.batch_size
+    datamodule = instantiate(run_cfg.data)
+    model = build_model(run_cfg)
+    check_checkpoint(str(ckpt_path), model)
+    trainer = L.Trainer(
+        accelerator=cfg.get("accelerator") or "auto",
+        devices=1,
+        precision=cfg.get("precision") or run_cfg.trainer.get("precision", "32-true"),
+        logger=TensorBoardLogger(str(output_dir / "tensorboard"), name="", version="", default_hp_metric=False),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    split = cfg.get("split", "test")
+    if split not in ("test", "val"):
+        raise UserError(f"split: unknown '{split}'; allowed: test, val")
+    run = trainer.test if split == "test" else trainer.validate
+    metrics = _floats(run(model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=False)[0])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(f"\n{split} metrics of {ckpt_path}")
+    print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
+    return metrics
+
+
+def build_model(cfg: DictConfig) -> Any:
+    """The task module with its network, plus the optimizer and scheduler factories from their groups."""
+    from hydra.utils import instantiate
+
+    optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, monitor=cfg.get("monitor", "val/loss"))
+
+
+def saved_run_config(ckpt_path: Path) -> DictConfig:
+    """The config next to a checkpoint: `<run>/checkpoints/x.ckpt` -> `<run>/config.yaml` or `<run>/.hydra/config.yaml`."""
+    if not ckpt_path.is_file():
+        raise UserError(f"ckpt_path: no file at '{ckpt_path}'")
+    for folder in list(ckpt_path.resolve().parents)[:3]:
+        for candidate in (folder / "config.yaml", folder / ".hydra" / "config.yaml"):
+            if candidate.is_file():
+                return OmegaConf.load(candidate)
+    raise UserError(
+        f"ckpt_path: found no config.yaml or .hydra/config.yaml in the run folder of '{ckpt_path}'; "
+        "evaluate needs the config the checkpoint was trained with"
+    )
+
+
+def check_checkpoint(ckpt_path: str, model: Any) -> None:
+    """Turn a missing, unreadable or mismatched checkpoint into one clear line before Lightning touches it."""
+    import torch
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path: no file at '{path}'")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
+        raise UserError(f"ckpt_path: '{path}' is not a readable checkpoint ({type(error).__name__})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"ckpt_path: '{path}' is not a Lightning checkpoint (it has no state_dict)")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if missing or unexpected or mismatched:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", mismatched))
+            if keys
+        )
+        raise UserError(f"ckpt_path: '{path}' was written by a different model ({detail})")
+
+
+def format_table(rows: dict[str, str]) -> str:
+    width = max((len(k) for k in rows), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{k:<{width}}  {v}" for k, v in sorted(rows.items())]
+    return "\n".join(lines)
+
+
+def _start(cfg: DictConfig, output_dir: Path) -> None:
+    """Before a run: refuse a used run folder, enforce tags, save the resolved config, print it."""
+    is_child = "LOCAL_RANK" in os.environ and os.environ.get("LOCAL_RANK") != "0"
+    checkpoints = output_dir / "checkpoints"
+    if not is_child and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise UserError(f"run folder '{output_dir}' already holds checkpoints; a new run needs a new folder")
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("enforce_tags") and not cfg.get("tags"):
+        raise UserError("tags: empty; give the run at least one tag, e.g. tags=[baseline]")
+    if not is_child:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # what evaluate.py rebuilds from
+        if extras.get("print_config"):
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The config keys that define the experiment, flattened to `a.b.c` with TensorBoard-friendly values."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    chosen = {k: resolved[k] for k in ("data", "model", "optimizer", "scheduler", "trainer", "seed") if k in resolved}
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", chosen)
+    return flat
+
+
+def _log_hparams(trainer: Any, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """One hparams entry per run, with its final metrics, for TensorBoard's HPARAMS tab."""
+    from zoo.tasks.figures import tensorboard_writer
+
+    writer = tensorboard_writer(trainer.loggers)
+    if writer is None:
+        return
+    from torch.utils.tensorboard.summary import hparams
+
+    final = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
+    for summary in hparams(_flat_hparams(cfg), final):
+        writer._get_file_writer().add_summary(summary)  # reopens the file Lightning closed after testing
+    writer.flush()
+
+
+def _write_scalars(folder: Path, scalars: dict[str, float]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for name, value in scalars.items():
+            writer.add_scalar(name, value, 0)
