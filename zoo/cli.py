@@ -127,10 +127,13 @@ def _unknown_key_message(config_name: str, full_key: str, overrides: list[str]) 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=others)
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    keys = [str(k) for k in node.keys()] if OmegaConf.is_dict(node) else []
+    keys = [str(k) for k in node] if OmegaConf.is_dict(node) else []
     close = difflib.get_close_matches(leaf, keys, n=3)
-    hint = f"did you mean {', '.join((parent + '.' if parent else '') + k for k in close)}?" if close else (
-        f"keys there: {', '.join(keys)}" if keys else "")
+    hint = (
+        f"did you mean {', '.join((parent + '.' if parent else '') + k for k in close)}?"
+        if close
+        else (f"keys there: {', '.join(keys)}" if keys else "")
+    )
     return f"{full_key}: no such config key; {hint} (add a new key with +{full_key}=...)".replace("; (", " (")
 
 

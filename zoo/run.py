@@ -87,13 +87,20 @@ def cross_validate(cfg: DictConfig, output_dir: Path, folds: int) -> dict[str, f
         mean = sum(values) / folds
         summary[name] = mean
         summary[f"{name}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (folds - 1))
-    report = {"folds": folds, "per_fold": results, "mean": {k: v for k, v in summary.items() if not k.endswith("_std")},
-              "std": {k[:-4]: v for k, v in summary.items() if k.endswith("_std")}}
+    report = {
+        "folds": folds,
+        "per_fold": results,
+        "mean": {k: v for k, v in summary.items() if not k.endswith("_std")},
+        "std": {k[:-4]: v for k, v in summary.items() if k.endswith("_std")},
+    }
     (output_dir / "cv.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     _write_scalars(output_dir / "tensorboard" / "cv", {f"cv/{k}": v for k, v in summary.items()})
     print(f"\n{folds}-fold cross-validation (mean ± std over folds)")
-    print(format_table({k: f"{report['mean'][k]:.4f} ± {report['std'][k]:.4f}" for k in report["mean"]
-                        if k.startswith("test/")}))
+    print(
+        format_table(
+            {k: f"{report['mean'][k]:.4f} ± {report['std'][k]:.4f}" for k in report["mean"] if k.startswith("test/")}
+        )
+    )
     return summary
 
 
@@ -142,7 +149,7 @@ def build_model(cfg: DictConfig) -> Any:
 
 
 def saved_run_config(ckpt_path: Path) -> DictConfig:
-    """The config next to a checkpoint: `<run>/checkpoints/x.ckpt` -> `<run>/config.yaml` or `<run>/.hydra/config.yaml`."""
+    """The config saved with a run: `<run>/checkpoints/x.ckpt` -> `<run>/config.yaml` (or `.hydra/config.yaml`)."""
     if not ckpt_path.is_file():
         raise UserError(f"ckpt_path: no file at '{ckpt_path}'")
     for folder in list(ckpt_path.resolve().parents)[:3]:

@@ -51,8 +51,14 @@ class CNN(nn.Module):
         for out_channels in channels:
             for _ in range(convs_per_block):
                 layers.append(
-                    conv(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                         bias=norm == "none")
+                    conv(
+                        in_channels,
+                        out_channels,
+                        kernel_size,
+                        stride=stride,
+                        padding=kernel_size // 2,
+                        bias=norm == "none",
+                    )
                 )
                 if norm == "batch":
                     layers.append(batch_norm(out_channels))

@@ -38,7 +38,11 @@ class ResNet(nn.Module):
     """
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, depth: int = 20, width: int = 16,
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        depth: int = 20,
+        width: int = 16,
         zero_init_residual: bool = True,
     ) -> None:
         super().__init__()

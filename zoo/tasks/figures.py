@@ -36,8 +36,15 @@ def confusion_matrix(confusion: torch.Tensor) -> Any:
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (row, col), count in zip(((r, c) for r in range(len(counts)) for c in range(len(counts))), counts.flat):
-        ax.text(col, row, str(count), ha="center", va="center", color="white" if rates[row, col] > 0.5 else "black",
-                fontsize=8)
+        ax.text(
+            col,
+            row,
+            str(count),
+            ha="center",
+            va="center",
+            color="white" if rates[row, col] > 0.5 else "black",
+            fontsize=8,
+        )
     ax.set(xlabel="predicted", ylabel="true", xticks=range(len(counts)), yticks=range(len(counts)))
     fig.tight_layout()
     return fig
