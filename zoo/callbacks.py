@@ -20,7 +20,7 @@ class RngState(Callback):
     def state_dict(self) -> dict[str, Any]:
         state = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state(),
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -29,7 +29,14 @@ class RngState(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         random.setstate(state_dict["python"])
-        np.random.set_state(state_dict["numpy"])
+        name, keys, position, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def _numpy_state() -> tuple[Any, ...]:
+    """NumPy's state with its key array as a tensor, so checkpoints load with torch.load(weights_only=True)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached

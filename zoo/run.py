@@ -44,6 +44,8 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     model = build_model(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not loggers:  # nothing to write learning rates to (logger=none, debug=fdr)
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     ckpt_path = cfg.get("ckpt_path")

@@ -71,10 +71,12 @@ class CNN(nn.Module):
         layers.append(nn.Flatten())
         self.features_net = nn.Sequential(*layers)
 
-        with torch.no_grad():
-            width = self.features_net(torch.zeros(1, *input_shape)).shape[1]
-        if width == 0:
-            raise ValueError(f"input_shape {list(input_shape)} is too small for {len(channels)} pooled blocks")
+        try:  # probe the flattened width in eval mode (BatchNorm cannot train on one sample)
+            with torch.no_grad():
+                width = self.features_net.eval()(torch.zeros(1, *input_shape)).shape[1]
+        except RuntimeError as error:
+            raise ValueError(f"input_shape {list(input_shape)} is too small for {len(channels)} pooled blocks") from error
+        self.features_net.train()
         head: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
         if hidden > 0:
             head += [nn.Linear(width, hidden), make_activation(activation)]

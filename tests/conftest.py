@@ -1,0 +1,62 @@
+"""Configs are composed here the way Hydra composes them for train.py, with every output in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+
+# short, quiet runs: no progress bars or config printing in test logs
+QUICK = [
+    "extras.print_config=false",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+@pytest.fixture
+def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    """`train_config("model=mlp", ...)`: the train config with quick settings and outputs in tmp_path."""
+
+    def make(*overrides: str, folder: str = "run") -> DictConfig:
+        cfg = compose_config("train", [*QUICK, *overrides], tmp_path)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / folder)
+        return cfg
+
+    return make
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run train.py or evaluate.py as a user would, from `cwd` (logs/ and data/ land there)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    env.pop("LOCAL_RANK", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

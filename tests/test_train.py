@@ -1,0 +1,128 @@
+"""Training through zoo.run with composed configs: every model runs, learns, resumes exactly, evaluates."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from zoo.run import evaluate, train
+from zoo.tasks.classification import ClassificationTask
+from tests.conftest import compose_config
+
+FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
+
+
+def params(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [("mlp", "digits"), ("logreg", "digits"), ("cnn", "digits"), ("resnet", "digits"), ("cnn", "mnist1d"),
+     ("mlp", "mnist1d"), ("cnn", "mnist5k")],
+)
+def test_fast_dev_run_of_every_model(train_config, model: str, data: str) -> None:
+    cfg = train_config(f"model={model}", f"data={data}", "debug=fdr")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert 0 <= metrics["test/acc"] <= 1 and metrics["train/loss"] > 0
+
+
+def test_loss_falls_to_near_zero_when_overfitting_a_few_batches(train_config) -> None:
+    cfg = train_config("model=mlp", "debug=overfit", "model.net.dropout=0", "data.augment.shift=0", "logger=csv")
+    train(cfg)
+    rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    losses = [float(r.split(",")[header.index("train/loss")]) for r in rows[1:] if r.split(",")[header.index("train/loss")]]
+    assert losses[0] > 1.0 and losses[-1] < 0.05, losses
+
+
+def test_default_run_learns_digits(train_config) -> None:
+    cfg = train_config("trainer.max_epochs=8")
+    best = train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert best == metrics["val/acc_best"] > 0.9
+    assert metrics["test/acc"] > 0.9
+    for name in ("train/loss", "train/acc", "val/loss", "val/f1", "test/precision", "test/recall", "test/f1", "train/lr"):
+        assert name in metrics, name
+
+
+def test_resume_equals_the_uninterrupted_run(train_config) -> None:
+    """A crash after epoch 2 of 4 leaves epoch_001.ckpt; resuming from it must end where the full run ended."""
+    settings = ["model=mlp", "model.net.dropout=0.3", "data.augment.shift=1", "trainer.limit_train_batches=5",
+                "trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1", "test=false"]
+    full = train_config(*settings, folder="full")
+    train(full)
+    checkpoints = Path(full.paths.output_dir) / "checkpoints"
+    resumed = train_config(*settings, f"ckpt_path={checkpoints / 'epoch_001.ckpt'}", folder="resumed")
+    train(resumed)
+
+    a, b = (params(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt") for c in (full, resumed))
+    halfway = params(checkpoints / "epoch_001.ckpt")
+    assert not all(torch.equal(halfway[k], a[k]) for k in a), "the resumed part must have trained further"
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    best = torch.load(Path(resumed.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert best["global_step"] == 20 and best["epoch"] == 3
+
+
+def test_evaluate_reproduces_the_test_metrics_logged_by_training(train_config, tmp_path: Path) -> None:
+    cfg = train_config(*FAST)
+    train(cfg)
+    logged = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    ckpt = next((Path(cfg.paths.output_dir) / "checkpoints").glob("epoch_*.ckpt"))
+    eval_cfg = compose_config("eval", [f"ckpt_path={ckpt}", "extras.print_config=false"], tmp_path)
+    eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    scored = evaluate(eval_cfg)
+    for name, value in scored.items():
+        assert value == pytest.approx(logged[name], abs=1e-6), name
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == scored
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_on_cpu(train_config, precision: str) -> None:
+    cfg = train_config("model=cnn", f"trainer.precision={precision}", "trainer.accelerator=cpu", "trainer.max_epochs=3")
+    assert train(cfg) > 0.5
+
+
+def test_every_key_of_the_documented_command_changes_the_run(train_config) -> None:
+    cfg = train_config(
+        "model=mlp", "data=mnist1d", "optimizer=adamw", "optimizer.lr=1e-3", "scheduler=warmup_cosine",
+        "trainer.max_epochs=20", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=4",
+        "trainer.gradient_clip_val=1.0", "seed=7",
+    )
+    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+    assert isinstance(model, ClassificationTask) and type(model.net).__name__ == "MLP"
+    assert type(instantiate(cfg.data)).__name__ == "MNIST1DDataModule"
+    optimizer = model.make_optimizer(params=model.parameters())
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["lr"] == 1e-3
+    assert model.make_scheduler.func.__name__ == "warmup_cosine"
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.max_epochs == 20 and trainer.precision == "bf16-mixed"
+    assert trainer.accumulate_grad_batches == 4 and trainer.gradient_clip_val == 1.0
+    assert cfg.data.shuffle_seed == 7
+
+
+def test_accumulation_makes_fewer_optimizer_steps(train_config) -> None:
+    steps = {}
+    for accumulate in (1, 4):
+        cfg = train_config("model=mlp", "trainer.max_epochs=1", f"trainer.accumulate_grad_batches={accumulate}",
+                           "test=false", folder=f"acc{accumulate}")
+        train(cfg)
+        steps[accumulate] = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+                                       weights_only=False)["global_step"]
+    assert steps[4] == -(-steps[1] // 4)
+
+
+def test_cross_validation_reports_mean_and_std_over_folds(train_config) -> None:
+    cfg = train_config("model=mlp", "cv.folds=3", "trainer.max_epochs=2")
+    value = train(cfg)
+    report = json.loads((Path(cfg.paths.output_dir) / "cv.json").read_text())
+    assert report["folds"] == 3 and len(report["per_fold"]) == 3
+    accs = [fold["test/acc"] for fold in report["per_fold"]]
+    assert report["mean"]["test/acc"] == pytest.approx(sum(accs) / 3)
+    assert report["std"]["test/acc"] > 0
+    assert value == pytest.approx(report["mean"]["val/acc_best"])
+    assert all((Path(cfg.paths.output_dir) / f"fold_{i}" / "config.yaml").is_file() for i in range(3))
