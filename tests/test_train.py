@@ -20,8 +20,15 @@ def params(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("model", "data"),
-    [("mlp", "digits"), ("logreg", "digits"), ("cnn", "digits"), ("resnet", "digits"), ("cnn", "mnist1d"),
-     ("mlp", "mnist1d"), ("cnn", "mnist5k")],
+    [
+        ("mlp", "digits"),
+        ("logreg", "digits"),
+        ("cnn", "digits"),
+        ("resnet", "digits"),
+        ("cnn", "mnist1d"),
+        ("mlp", "mnist1d"),
+        ("cnn", "mnist5k"),
+    ],
 )
 def test_fast_dev_run_of_every_model(train_config, model: str, data: str) -> None:
     cfg = train_config(f"model={model}", f"data={data}", "debug=fdr")
@@ -35,7 +42,9 @@ def test_loss_falls_to_near_zero_when_overfitting_a_few_batches(train_config) ->
     train(cfg)
     rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    losses = [float(r.split(",")[header.index("train/loss")]) for r in rows[1:] if r.split(",")[header.index("train/loss")]]
+    losses = [
+        float(r.split(",")[header.index("train/loss")]) for r in rows[1:] if r.split(",")[header.index("train/loss")]
+    ]
     assert losses[0] > 1.0 and losses[-1] < 0.05, losses
 
 
@@ -45,14 +54,30 @@ def test_default_run_learns_digits(train_config) -> None:
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert best == metrics["val/acc_best"] > 0.9
     assert metrics["test/acc"] > 0.9
-    for name in ("train/loss", "train/acc", "val/loss", "val/f1", "test/precision", "test/recall", "test/f1", "train/lr"):
+    for name in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/f1",
+        "test/precision",
+        "test/recall",
+        "test/f1",
+        "train/lr",
+    ):
         assert name in metrics, name
 
 
 def test_resume_equals_the_uninterrupted_run(train_config) -> None:
     """A crash after epoch 2 of 4 leaves epoch_001.ckpt; resuming from it must end where the full run ended."""
-    settings = ["model=mlp", "model.net.dropout=0.3", "data.augment.shift=1", "trainer.limit_train_batches=5",
-                "trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1", "test=false"]
+    settings = [
+        "model=mlp",
+        "model.net.dropout=0.3",
+        "data.augment.shift=1",
+        "trainer.limit_train_batches=5",
+        "trainer.max_epochs=4",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "test=false",
+    ]
     full = train_config(*settings, folder="full")
     train(full)
     checkpoints = Path(full.paths.output_dir) / "checkpoints"
@@ -89,9 +114,16 @@ def test_mixed_precision_on_cpu(train_config, precision: str) -> None:
 
 def test_every_key_of_the_documented_command_changes_the_run(train_config) -> None:
     cfg = train_config(
-        "model=mlp", "data=mnist1d", "optimizer=adamw", "optimizer.lr=1e-3", "scheduler=warmup_cosine",
-        "trainer.max_epochs=20", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=4",
-        "trainer.gradient_clip_val=1.0", "seed=7",
+        "model=mlp",
+        "data=mnist1d",
+        "optimizer=adamw",
+        "optimizer.lr=1e-3",
+        "scheduler=warmup_cosine",
+        "trainer.max_epochs=20",
+        "trainer.precision=bf16-mixed",
+        "trainer.accumulate_grad_batches=4",
+        "trainer.gradient_clip_val=1.0",
+        "seed=7",
     )
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     assert isinstance(model, ClassificationTask) and type(model.net).__name__ == "MLP"
@@ -108,11 +140,17 @@ def test_every_key_of_the_documented_command_changes_the_run(train_config) -> No
 def test_accumulation_makes_fewer_optimizer_steps(train_config) -> None:
     steps = {}
     for accumulate in (1, 4):
-        cfg = train_config("model=mlp", "trainer.max_epochs=1", f"trainer.accumulate_grad_batches={accumulate}",
-                           "test=false", folder=f"acc{accumulate}")
+        cfg = train_config(
+            "model=mlp",
+            "trainer.max_epochs=1",
+            f"trainer.accumulate_grad_batches={accumulate}",
+            "test=false",
+            folder=f"acc{accumulate}",
+        )
         train(cfg)
-        steps[accumulate] = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
-                                       weights_only=False)["global_step"]
+        steps[accumulate] = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)[
+            "global_step"
+        ]
     assert steps[4] == -(-steps[1] // 4)
 
 

@@ -42,33 +42,42 @@ def _hydra_main(config_name: str, work: Callable[[Any], Any]) -> None:
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
     """Report mistakes in the user's input as `error: ...` and exit 2; HYDRA_FULL_ERROR=1 shows the traceback."""
-    from hydra.errors import HydraException, InstantiationException
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from zoo.errors import UserError
 
     try:
         yield
-    except (UserError, InstantiationException, HydraException, OmegaConfBaseException) as error:
+    except (UserError, HydraException, OmegaConfBaseException) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {describe(error)}", file=sys.stderr)
         sys.exit(2)
+    except (ValueError, TypeError) as error:  # mostly a config value of the wrong kind; a bug shows its trace on demand
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {describe(error)} (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 def describe(error: BaseException) -> str:
-    """One line: the innermost message that names a key or value, without Hydra's framing."""
+    """One line: the innermost message, prefixed by the config key Hydra was instantiating when it failed."""
     from hydra.errors import InstantiationException
 
-    root = error
-    while isinstance(root, InstantiationException) and root.__cause__ is not None:
-        root = root.__cause__
-    if isinstance(root, InstantiationException):
-        # Hydra folds the cause into its message: "Error in call to target 'x':\nValueError(...)\nfull_key: ..."
-        lines = [line for line in str(root).splitlines() if line.strip()]
-        return " ".join(lines[:2]) if lines else type(root).__name__
-    text = " ".join(line.strip() for line in str(root).splitlines() if line.strip())
-    return text or type(root).__name__
+    key = ""
+    while isinstance(error, InstantiationException):
+        # Hydra's message reads "Error in call to target 'x':\nValueError(...)\nfull_key: model.net"
+        found = [line.split(":", 1)[1].strip() for line in str(error).splitlines() if line.startswith("full_key:")]
+        key = found[0] if found else key
+        if error.__cause__ is None:
+            break
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, InstantiationException):
+        lines = [line for line in lines if not line.startswith("full_key:")]
+    text = " ".join(lines) or type(error).__name__
+    return f"{key}: {text}" if key and not text.startswith(key.rsplit(".", 1)[-1]) else text
 
 
 def check_overrides(config_name: str, args: list[str]) -> None:
@@ -101,7 +110,7 @@ def check_overrides(config_name: str, args: list[str]) -> None:
 def _compose(config_name: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
@@ -113,8 +122,11 @@ def _compose(config_name: str, overrides: list[str]) -> None:
         raise _user_error(describe(error)) from error
     except ConfigCompositionException as error:
         cause = error.__cause__
-        if isinstance(cause, ConfigKeyError) and cause.full_key:
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
             raise _user_error(_unknown_key_message(config_name, str(cause.full_key), job_overrides)) from error
+        if cause is not None:  # e.g. a list key given a number: name the key, then OmegaConf's reason
+            first_line = str(error).splitlines()[0].removeprefix("Could not override ").rstrip(".")
+            raise _user_error(f"{first_line}: {str(cause).splitlines()[0]}") from error
         raise _user_error(describe(error)) from error
 
 
@@ -128,6 +140,9 @@ def _unknown_key_message(config_name: str, full_key: str, overrides: list[str]) 
         cfg = compose(config_name, overrides=others)
     node = OmegaConf.select(cfg, parent) if parent else cfg
     keys = [str(k) for k in node] if OmegaConf.is_dict(node) else []
+    if leaf in keys:  # the key exists: the value was of the wrong kind (a number for a list, say)
+        current = OmegaConf.to_container(node[leaf]) if OmegaConf.is_config(node[leaf]) else node[leaf]
+        return f"{full_key}: the value does not fit this key; its default is {current!r}"
     close = difflib.get_close_matches(leaf, keys, n=3)
     hint = (
         f"did you mean {', '.join((parent + '.' if parent else '') + k for k in close)}?"

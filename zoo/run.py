@@ -203,6 +203,8 @@ def _start(cfg: DictConfig, output_dir: Path) -> None:
     checkpoints = output_dir / "checkpoints"
     if not is_child and checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise UserError(f"run folder '{output_dir}' already holds checkpoints; a new run needs a new folder")
+    if not isinstance(cfg.get("seed"), int):
+        raise UserError(f"seed: expected an integer, got {cfg.get('seed')!r}")
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")

@@ -75,7 +75,9 @@ class CNN(nn.Module):
             with torch.no_grad():
                 width = self.features_net.eval()(torch.zeros(1, *input_shape)).shape[1]
         except RuntimeError as error:
-            raise ValueError(f"input_shape {list(input_shape)} is too small for {len(channels)} pooled blocks") from error
+            raise ValueError(
+                f"input_shape {list(input_shape)} is too small for {len(channels)} pooled blocks"
+            ) from error
         self.features_net.train()
         head: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
         if hidden > 0:

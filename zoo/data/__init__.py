@@ -1,0 +1,1 @@
+"""LightningDataModules and the dataset code behind them."""

@@ -1,0 +1,186 @@
+"""Datasets small enough to live whole in (GPU) memory, batched by indexing instead of a DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from zoo.data.augment import BatchAugment
+from zoo.errors import UserError
+
+
+class TensorBatches:
+    """An epoch of batches cut from tensors by index: one gather per batch instead of one call per sample.
+
+    The order of epoch e comes from a generator seeded with (seed, e), so a resumed run sees the same
+    batches as an uninterrupted one. Lightning calls `sampler.set_epoch(e)` before each epoch, as it does
+    for a DistributedSampler. Under DDP each rank takes every world_size-th index of the permutation.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: BatchAugment | None = None,
+    ) -> None:
+        self.tensors = tuple(tensors)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.augment = augment if augment is not None and augment.active else None
+        self.epoch = 0
+        self.per_rank = -(-len(self.tensors[0]) // world_size)
+
+    batch_sampler = None  # Lightning inspects DataLoader-like attributes; there is no batch sampler here
+
+    @property
+    def sampler(self) -> TensorBatches:
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return -(-self.per_rank // self.batch_size)
+
+    def _indices(self) -> torch.Tensor:
+        total = len(self.tensors[0])
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(total, generator=generator)
+        else:
+            order = torch.arange(total)
+        if self.world_size > 1:
+            padded = self.per_rank * self.world_size
+            order = torch.cat([order, order[: padded - total]])[self.rank :: self.world_size]
+        return order.to(self.tensors[0].device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = self._indices()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            batch = [t[index] for t in self.tensors]
+            if self.augment is not None:
+                batch[0] = self.augment(batch[0])
+            yield tuple(batch)
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Cut indices into len(fractions)+1 parts with the class proportions of `labels` in each."""
+    from sklearn.model_selection import train_test_split
+
+    rest = np.arange(len(labels))
+    parts = []
+    remaining = 1.0
+    for fraction in fractions:
+        if fraction <= 0:
+            parts.append(np.array([], dtype=int))
+            continue
+        rest, part = train_test_split(rest, test_size=fraction / remaining, random_state=seed, stratify=labels[rest])
+        remaining -= fraction
+        parts.append(np.sort(part))
+    return [np.sort(rest), *parts]
+
+
+class TensorDataModule(L.LightningDataModule):
+    """Base for in-memory classification data: subclasses return arrays, this class splits and batches.
+
+    `load()` returns (x, y) for the data pool and, when the dataset has an official test split,
+    (x_test, y_test); otherwise a stratified `test_fraction` of the pool becomes the test set.
+    `val_fraction` of what remains is held out for validation (checkpoint choice, early stopping).
+    Splits depend on `split_seed` only, so every training seed is scored on the same test set.
+    With `folds > 1`, fold `fold` of a stratified k-fold over all the data is the test set.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        shuffle_seed: int = 0,
+        augment: dict[str, Any] | None = None,
+        folds: int = 1,
+        fold: int = 0,
+        data_dir: str = "data",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not 0 <= fold < max(folds, 1):
+            raise ValueError(f"data.fold must be in [0, {folds}), got {fold}")
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.split_seed, self.shuffle_seed = split_seed, shuffle_seed
+        self.augment = BatchAugment(**(augment or {}))
+        self.folds, self.fold, self.data_dir = folds, fold, data_dir
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # each dataset subclass defines load() -> (x, y, x_test or None, y_test or None)
+    load: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        x, y, x_test, y_test = self.load()
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise UserError(
+                f"data.input_shape is {list(self.input_shape)} but the data has samples of shape {list(x.shape[1:])}"
+            )
+        if self.folds > 1:
+            from sklearn.model_selection import StratifiedKFold
+
+            if x_test is not None:
+                x, y = np.concatenate([x, x_test]), np.concatenate([y, y_test])
+            folds = StratifiedKFold(self.folds, shuffle=True, random_state=self.split_seed)
+            pool, test = list(folds.split(x, y))[self.fold]
+            x_test, y_test, x, y = x[test], y[test], x[pool], y[pool]
+        elif x_test is None:
+            pool, test = stratified_split(y, [self.test_fraction], self.split_seed)
+            x_test, y_test, x, y = x[test], y[test], x[pool], y[pool]
+        train, val = stratified_split(y, [self.val_fraction], self.split_seed)
+        for name, (xs, ys) in {
+            "train": (x[train], y[train]),
+            "val": (x[val], y[val]),
+            "test": (x_test, y_test),
+        }.items():
+            self.splits[name] = (torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(ys, dtype=torch.long))
+
+    def _batches(self, split: str, train: bool) -> TensorBatches:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        overfit = trainer is not None and trainer.overfit_batches > 0
+        x, y = (t.to(device) for t in self.splits[split])
+        return TensorBatches(
+            (x, y),
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train and not overfit,
+            seed=self.shuffle_seed,
+            rank=rank,
+            world_size=world,
+            augment=self.augment if train else None,
+        )
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val", train=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", train=False)
