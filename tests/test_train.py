@@ -7,9 +7,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from tests.conftest import compose_config
 from zoo.run import evaluate, train
 from zoo.tasks.classification import ClassificationTask
-from tests.conftest import compose_config
 
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
 
