@@ -38,6 +38,7 @@ def train(cfg: DictConfig) -> float | None:
 def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -45,7 +46,9 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # nothing to write learning rates to (logger=none, debug=fdr)
-        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # so that trainer.enable_progress_bar=false just works
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     ckpt_path = cfg.get("ckpt_path")
