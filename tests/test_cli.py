@@ -44,10 +44,8 @@ def test_tensorboard_gets_curves_hparams_and_figures(tmp_path: Path) -> None:
         acc.Reload()
         for kind in tags:
             tags[kind] += acc.Tags()[kind]
-        try:
-            plugins |= {"hparams"} if acc.PluginTagToContent("hparams") else set()
-        except KeyError:  # this event file holds no hparams summary
-            pass
+        if _has_plugin(acc, "hparams"):
+            plugins.add("hparams")
     for name in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", "test/f1", "train/lr"):
         assert name in tags["scalars"], name
     assert {"test/confusion_matrix", "test/misclassified"} <= set(tags["images"])
@@ -171,6 +169,13 @@ def test_help_lists_the_config_groups(tmp_path: Path) -> None:
     result = run_script("train.py", "--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "model: cnn, logreg, mlp, resnet" in result.stdout
+
+
+def _has_plugin(acc, name: str) -> bool:
+    try:
+        return bool(acc.PluginTagToContent(name))
+    except KeyError:  # this event file holds no summary of that plugin
+        return False
 
 
 def _yaml(path: Path) -> dict:

@@ -1,0 +1,74 @@
+"""Every config composes, every optimizer and schedule builds and steps, every experiment runs a batch."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from tests.conftest import CONFIG_DIR
+from zoo.optim import lr_scheduler_config, param_groups, warmup_cosine
+from zoo.run import train
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+OFFLINE_EXPERIMENTS = [e for e in EXPERIMENTS if e not in {"resnet_cifar10"}]  # CIFAR-10 files are not shipped
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(train_config, experiment: str) -> None:
+    cfg = train_config(f"experiment={experiment}")
+    assert cfg.task_name == experiment and cfg.tags
+    assert cfg.model.net.input_shape == cfg.data.input_shape
+
+
+@pytest.mark.parametrize("experiment", OFFLINE_EXPERIMENTS)
+def test_every_offline_experiment_runs_a_batch(train_config, experiment: str) -> None:
+    train(train_config(f"experiment={experiment}", "debug=fdr"))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml")))
+def test_every_optimizer_takes_a_step(train_config, name: str) -> None:
+    cfg = train_config(f"optimizer={name}")
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    optimizer = instantiate(cfg.optimizer)(params=param_groups(net))
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0  # no decay on biases and norm scales
+    before = [p.detach().clone() for p in net.parameters()]
+    torch.nn.functional.cross_entropy(net(torch.randn(16, 4)), torch.randint(0, 2, (16,))).backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+class FakeTrainer:
+    estimated_stepping_batches = 100
+
+
+@pytest.mark.parametrize("name", [p.stem for p in (CONFIG_DIR / "scheduler").glob("*.yaml") if p.stem != "none"])
+def test_every_schedule_builds_and_changes_the_rate(train_config, name: str) -> None:
+    cfg = train_config(f"scheduler={name}")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    config = lr_scheduler_config(instantiate(cfg.scheduler), optimizer, FakeTrainer(), monitor="val/acc")
+    scheduler = config["scheduler"]
+    rates = []
+    for _ in range(30):
+        optimizer.step()
+        scheduler.step(0.5) if "monitor" in config else scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert len(set(rates)) > 1, rates
+    assert config["interval"] == ("step" if name in {"warmup_cosine", "onecycle"} else "epoch")
+
+
+def test_warmup_cosine_shape() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_cosine(optimizer, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert rates[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_configs_folder_is_the_one_train_py_reads() -> None:
+    assert (Path(__file__).resolve().parent.parent / "configs" / "train.yaml").is_file()
