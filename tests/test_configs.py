@@ -72,3 +72,11 @@ def test_warmup_cosine_shape() -> None:
 
 def test_configs_folder_is_the_one_train_py_reads() -> None:
     assert (Path(__file__).resolve().parent.parent / "configs" / "train.yaml").is_file()
+
+
+@pytest.mark.parametrize("debug", ["limit", "profiler"])
+def test_debug_presets_run(train_config, debug: str) -> None:
+    cfg = train_config(f"debug={debug}", "model=logreg", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
+    train(cfg)
+    if debug == "profiler":
+        assert (Path(cfg.paths.output_dir) / "fit-profile.txt").is_file()
