@@ -36,6 +36,11 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    if is_boosted(cfg):  # gradient-boosted trees train outside Lightning, behind the same CLI
+        from zoo.boost import run as boost_run
+
+        return boost_run.fit_and_test(cfg, output_dir)
+
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
@@ -118,6 +123,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = Path(cfg.ckpt_path)
     run_cfg = saved_run_config(ckpt_path)
+    if is_boosted(run_cfg):
+        from zoo.boost import run as boost_run
+
+        return boost_run.evaluate(cfg, run_cfg)
     if cfg.get("batch_size"):
         run_cfg.data.eval_batch_size = cfg.batch_size
     datamodule = instantiate(run_cfg.data)
@@ -142,6 +151,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     print(f"\n{split} metrics of {ckpt_path}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
     return metrics
+
+
+def is_boosted(cfg: DictConfig) -> bool:
+    """Models from zoo.boost (XGBoost) are not LightningModules; train and evaluate hand them over."""
+    return str(cfg.model.get("_target_", "")).startswith("zoo.boost.")
 
 
 def build_model(cfg: DictConfig) -> Any:
