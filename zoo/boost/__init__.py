@@ -1,0 +1,1 @@
+"""Gradient-boosted trees (XGBoost), trained and scored outside Lightning behind the same train.py and evaluate.py."""
