@@ -1,0 +1,493 @@
+"""Recommenders: the generator's noise floor, MovieLens files, explicit MF to near the floor, unknown ids,
+ranking metrics, implicit and two-tower training, resume, evaluate, TensorBoard projector."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import compose_config, run_script
+from zoo.data.ratings import (
+    MovieLensDataModule,
+    SyntheticRatingsDataModule,
+    generate_ratings,
+    read_movielens,
+)
+from zoo.errors import UserError
+from zoo.metrics.ranking import exclude_seen, hit_rate, ndcg, target_ranks
+from zoo.nn.factorization import BiasedMF, ImplicitMF, TwoTower
+from zoo.run import evaluate, train
+
+SMALL = ["data.num_users=200", "data.num_items=100", "data.num_ratings=8000"]
+GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama")
+
+
+def params(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def metrics_of(cfg) -> dict[str, float]:
+    return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+
+
+def tiny_ratings(seed: int = 0, users: int = 8, items: int = 10, count: int = 60) -> list[tuple[int, int, int, int]]:
+    """Distinct (user, item, rating, timestamp) rows with 1-based ids; every user and item appears."""
+    rng = np.random.default_rng(seed)
+    cells = {(u % users, u % items) for u in range(max(users, items))}
+    while len(cells) < count:
+        cells.add((int(rng.integers(users)), int(rng.integers(items))))
+    return [(u + 1, i + 1, int(rng.integers(1, 6)), 880_000_000 + k) for k, (u, i) in enumerate(sorted(cells))]
+
+
+def write_100k(folder: Path, rows: list[tuple[int, int, int, int]], test: list[tuple[int, int, int, int]] = ()) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    every = list(rows) + list(test)
+    (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in every))
+    (folder / "u1.base").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
+    (folder / "u1.test").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in test))
+    (folder / "u.genre").write_text("".join(f"{g}|{k}\n" for k, g in enumerate(GENRES)))
+    items = sorted({i for _, i, _, _ in every})
+    flags = lambda i: "|".join("1" if k == i % len(GENRES) else "0" for k in range(len(GENRES)))  # noqa: E731
+    lines = [f"{i}|Movie {i} (1995)|01-Jan-1995||http://x/{i}|{flags(i)}\n" for i in items]
+    (folder / "u.item").write_text("".join(lines), encoding="latin-1")
+    users = sorted({u for u, _, _, _ in every})
+    jobs = ("student", "writer", "engineer")
+    lines = [f"{u}|{15 + 7 * u}|{'MF'[u % 2]}|{jobs[u % 3]}|0000{u}\n" for u in users]
+    (folder / "u.user").write_text("".join(lines))
+
+
+def write_1m(folder: Path, rows: list[tuple[int, int, int, int]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows))
+    items = sorted({i for _, i, _, _ in rows})
+    lines = [f"{i}::Film {i} (2000)::{'Action|Comedy' if i % 2 else 'Drama'}\n" for i in items]
+    (folder / "movies.dat").write_text("".join(lines), encoding="latin-1")
+    users = sorted({u for u, _, _, _ in rows})
+    (folder / "users.dat").write_text("".join(f"{u}::{'FM'[u % 2]}::{(1, 25, 56)[u % 3]}::{u % 5}::1\n" for u in users))
+
+
+def write_latest(folder: Path, rows: list[tuple[int, int, int, int]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["userId,movieId,rating,timestamp\n"] + [f"{u},{i * 10},{r - 0.5},{t}\n" for u, i, r, t in rows]
+    (folder / "ratings.csv").write_text("".join(lines))
+    items = sorted({i for _, i, _, _ in rows})
+    lines = ["movieId,title,genres\n"] + [f'{i * 10},"Title, The ({1990 + i})",Comedy|Romance\n' for i in items]
+    (folder / "movies.csv").write_text("".join(lines))
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+def test_true_parameters_reach_the_noise_floor() -> None:
+    data = SyntheticRatingsDataModule(noise_std=0.5)
+    source = data.source
+    for split in ("train", "val", "test"):
+        rows = data.rows[split]
+        rmse = float(np.sqrt(np.mean((source.ratings[rows] - source.clean[rows]) ** 2)))
+        assert rmse == pytest.approx(0.5, rel=0.03), split
+    assert data.noise_std == 0.5
+    assert np.std(source.ratings) > 0.8  # signal beyond the noise: biases and factors matter
+
+
+def test_generator_is_seeded_and_cells_are_distinct() -> None:
+    a, b = generate_ratings(seed=3), generate_ratings(seed=3)
+    assert np.array_equal(a.ratings, b.ratings)
+    assert not np.array_equal(a.ratings, generate_ratings(seed=4).ratings)
+    assert len(np.unique(a.users * 400 + a.items)) == len(a.ratings) == 100_000
+
+
+def test_random_split_is_80_10_10_and_fixed_by_split_seed() -> None:
+    a = SyntheticRatingsDataModule(**{"num_users": 100, "num_items": 50, "num_ratings": 2000}, split_seed=0)
+    b = SyntheticRatingsDataModule(**{"num_users": 100, "num_items": 50, "num_ratings": 2000}, shuffle_seed=5)
+    c = SyntheticRatingsDataModule(**{"num_users": 100, "num_items": 50, "num_ratings": 2000}, split_seed=1)
+    assert [len(a.rows[s]) for s in ("train", "val", "test")] == [1600, 200, 200]
+    assert np.array_equal(a.rows["test"], b.rows["test"])
+    assert not np.array_equal(a.rows["test"], c.rows["test"])
+    assert not set(a.rows["test"]) & set(a.rows["train"]) and not set(a.rows["val"]) & set(a.rows["train"])
+
+
+def test_kfold_test_sets_partition_the_ratings() -> None:
+    tests = [SyntheticRatingsDataModule(num_ratings=3000, folds=3, fold=f).rows["test"] for f in range(3)]
+    assert sorted(np.concatenate(tests).tolist()) == list(range(3000))
+
+
+def test_one_epoch_is_index_batches_of_the_whole_train_split() -> None:
+    data = SyntheticRatingsDataModule(num_ratings=5000, batch_size=512)
+    batches = list(data.train_dataloader())
+    assert len(batches) == math.ceil(4000 / 512)
+    users, items, ratings = (torch.cat(parts) for parts in zip(*batches))
+    assert len(ratings) == 4000 and users.dtype == torch.int64 and ratings.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- MovieLens files
+
+
+def test_movielens_100k_reader(tmp_path: Path) -> None:
+    rows = tiny_ratings()
+    write_100k(tmp_path, rows)
+    data = read_movielens(tmp_path)
+    assert data.name == "MovieLens 100K" and len(data.ratings) == len(rows) and data.scale == (1.0, 5.0)
+    assert data.titles[3] == "Movie 3 (1995)" and data.genres[3] == [GENRES[3]]
+    assert data.genre_names == list(GENRES)
+    vector = dict(zip(data.user_feature_names, data.user_features[2]))  # user 2: 29 years, M, engineer
+    assert vector["age25-34"] == 1 and vector["gender=M"] == 1 and vector["occupation=engineer"] == 1
+    assert sum(vector.values()) == 3
+
+
+def test_movielens_1m_reader(tmp_path: Path) -> None:
+    rows = tiny_ratings(1)
+    write_1m(tmp_path, rows)
+    data = read_movielens(tmp_path)
+    assert data.name == "MovieLens 1M" and len(data.ratings) == len(rows)
+    assert data.users.tolist() == [u for u, _, _, _ in rows] and data.ratings.tolist() == [r for _, _, r, _ in rows]
+    assert data.titles[1] == "Film 1 (2000)" and data.genres[1] == ["Action", "Comedy"]
+    vector = dict(zip(data.user_feature_names, data.user_features[3]))  # user 3: M, age code 1 (<18)
+    assert vector["gender=M"] == 1 and vector["age<18"] == 1 and vector["occupation=3"] == 1
+
+
+def test_movielens_latest_small_reader(tmp_path: Path) -> None:
+    rows = tiny_ratings(2)
+    write_latest(tmp_path, rows)
+    data = read_movielens(tmp_path)
+    assert data.name == "MovieLens latest-small" and data.scale == (0.5, 5.0)
+    assert set(data.items.tolist()) == {i * 10 for _, i, _, _ in rows}
+    assert data.ratings.tolist() == [r - 0.5 for _, _, r, _ in rows]
+    assert data.titles[20] == "Title, The (1992)" and data.genres[20] == ["Comedy", "Romance"]
+    module = MovieLensDataModule(path=str(tmp_path))
+    assert module.item_titles[1] == "Title, The (1992)" and module.item_ids[1] == 20
+    assert module.item_features.shape == (10, 2) and module.user_features is None
+
+
+def test_official_split_uses_u1_base_and_test(tmp_path: Path) -> None:
+    rows = tiny_ratings(count=50)
+    base, test = rows[:40], rows[40:]
+    write_100k(tmp_path, base, test)
+    data = MovieLensDataModule(path=str(tmp_path), split="official", val_fraction=0.1)
+    assert len(data.rows["test"]) == 10 and len(data.rows["val"]) == 5 and len(data.rows["train"]) == 35
+    official = {(u, i) for u, i, _, _ in test}
+    users, items = data.user_ids[data.splits["test"][0].numpy()], data.item_ids[data.splits["test"][1].numpy()]
+    assert set(zip(users.tolist(), items.tolist())) == official
+    for fold in range(5):  # cv.folds=5 with split=official reads u<fold+1>
+        (tmp_path / f"u{fold + 1}.base").write_text((tmp_path / "u1.base").read_text())
+        (tmp_path / f"u{fold + 1}.test").write_text((tmp_path / "u1.test").read_text())
+    assert len(MovieLensDataModule(path=str(tmp_path), split="official", folds=5, fold=4).rows["test"]) == 10
+
+
+def test_missing_folder_is_one_line_naming_the_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as error:
+        MovieLensDataModule(path=str(tmp_path / "nowhere"))
+    message = str(error.value)
+    assert "\n" not in message and "no such folder" in message
+    for name in ("u.data", "u.item", "u.user", "ratings.dat", "movies.dat", "users.dat", "ratings.csv", "movies.csv"):
+        assert name in message
+    assert "grouplens.org" in message
+
+
+def test_train_py_without_movielens_files_ends_in_one_line(tmp_path: Path) -> None:
+    result = run_script("train.py", "experiment=mf_movielens", f"data.path={tmp_path / 'ml'}", cwd=tmp_path)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: data.path: no MovieLens ratings") and "u.data" in line and "ratings.csv" in line
+
+
+def test_bad_movielens_requests_are_user_errors(tmp_path: Path) -> None:
+    write_1m(tmp_path, tiny_ratings())
+    with pytest.raises(UserError, match="no official split"):
+        MovieLensDataModule(path=str(tmp_path), split="official")
+    with pytest.raises(UserError, match="data.path: not set"):
+        MovieLensDataModule(path=None)
+    write_100k(tmp_path / "k", tiny_ratings())
+    (tmp_path / "k" / "u1.test").unlink()
+    with pytest.raises(UserError, match="u1.test"):
+        MovieLensDataModule(path=str(tmp_path / "k"), split="official")
+
+
+# ---------------------------------------------------------------- unknown ids
+
+
+def test_unknown_ids_get_bias_only_predictions() -> None:
+    net = BiasedMF(3, 3, rank=2)
+    with torch.no_grad():
+        net.user_bias.weight.copy_(torch.tensor([[0.1], [0.2], [0.3]]))
+        net.item_bias.weight.copy_(torch.tensor([[-0.1], [-0.2], [-0.3]]))
+    net.set_statistics(3.0, user_known=torch.tensor([True, True, False]), item_known=torch.tensor([True, False, True]))
+    users = torch.tensor([2, 0, 2, -1, 99, 0])
+    items = torch.tensor([0, 1, 1, 2, 2, 0])
+    predicted = net(users, items)
+    dot = (net.user_factors.weight[0] * net.item_factors.weight[0]).sum()
+    expected = torch.tensor([3.0 - 0.1, 3.0 + 0.1, 3.0, 3.0 - 0.3, 3.0 - 0.3, 3.0 + 0.1 - 0.1 + dot.item()])
+    assert torch.allclose(predicted, expected, atol=1e-6)
+    assert net.predict_all(torch.tensor([2, -1])).shape == (2, 3)
+
+
+def test_mean_normalization_gives_a_new_user_the_item_mean() -> None:
+    net = BiasedMF(2, 2, rank=2, mean_normalization=True)
+    net.set_statistics(3.0, item_mean=torch.tensor([4.5, 2.0]), user_known=torch.tensor([True, False]))
+    assert net(torch.tensor([1, 1, -1]), torch.tensor([0, 1, 1])).tolist() == [4.5, 2.0, 2.0]
+
+
+def test_unknown_ids_at_test_time_are_counted(train_config, tmp_path: Path) -> None:
+    base = tiny_ratings(count=50)
+    base = [row for row in base if row[0] != 8 and row[1] != 10]  # user 8 and item 10 only in the test file
+    test = [(8, 1, 4, 1), (1, 10, 3, 2), (8, 10, 5, 3), (2, 3, 4, 4)]
+    write_100k(tmp_path / "ml", base, test)
+    cfg = train_config(
+        "model=mf",
+        "data=movielens",
+        f"data.path={tmp_path / 'ml'}",
+        "data.split=official",
+        "data.batch_size=8",
+        "trainer.max_epochs=2",
+        "logger=none",
+    )
+    train(cfg)
+    metrics = metrics_of(cfg)
+    assert metrics["test/unknown_users"] == 2 and metrics["test/unknown_items"] == 2
+    assert 0 < metrics["test/rmse"] < 4 and 0 < metrics["test/mae"] < 4
+
+
+# ---------------------------------------------------------------- ranking metrics
+
+
+def test_hit_rate_and_ndcg_against_hand_computed_values() -> None:
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.5, 0.3],  # target 2: one item above it -> rank 1
+            [0.2, 0.8, 0.1, 0.7],  # target 0: two above -> rank 2
+            [0.1, 0.2, 0.3, 0.4],  # target 0: three above -> rank 3
+            [0.5, 0.5, 0.5, 0.5],  # target 1: ties count against it -> rank 3
+        ]
+    )
+    ranks = target_ranks(scores, torch.tensor([2, 0, 0, 1]))
+    assert ranks.tolist() == [1, 2, 3, 3]
+    assert hit_rate(ranks, 3).tolist() == [1.0, 1.0, 0.0, 0.0]
+    expected = [1 / math.log2(3), 1 / math.log2(4), 0.0, 0.0]
+    assert ndcg(ranks, 3).tolist() == pytest.approx(expected)
+    assert ndcg(torch.tensor([0]), 10).item() == 1.0
+
+
+def test_seen_items_are_left_out_except_the_target() -> None:
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.7], [0.9, 0.8, 0.1, 0.7]])
+    indptr, indices = torch.tensor([0, 2, 4]), torch.tensor([0, 2, 1, 3])  # user 0 saw {0, 2}, user 1 {1, 3}
+    masked = exclude_seen(scores, torch.tensor([0, 1]), torch.tensor([2, 3]), indptr, indices)
+    assert torch.isinf(masked).nonzero().tolist() == [[0, 0], [1, 1]]
+    assert masked[0, 2] == scores[0, 2] and masked[1, 3] == scores[1, 3]
+    assert target_ranks(masked, torch.tensor([2, 3])).tolist() == [2, 1]
+
+
+def test_leave_one_out_holds_out_each_users_latest_interactions() -> None:
+    data = SyntheticRatingsDataModule(num_ratings=20000, protocol="leave_one_out", implicit_threshold=4.0)
+    source, test_rows, val_rows = data.source, data.rows["test"], data.rows["val"]
+    assert len(test_rows) == len(val_rows) == len(np.unique(source.users[test_rows]))
+    positive = source.ratings >= 4.0
+    for row, val_row in list(zip(test_rows, val_rows))[:50]:
+        user = source.users[row]
+        times = source.timestamps[positive & (source.users == user)]
+        assert source.timestamps[row] == times.max() and source.timestamps[val_row] == np.sort(times)[-2]
+    users, targets, negatives = data.splits["test"]
+    assert negatives.shape == (len(users), 100)
+    rated = set(zip(source.users.tolist(), source.items.tolist()))
+    assert not any((int(u), int(i)) in rated for u, row in zip(users[:20], negatives[:20]) for i in row)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_mf_reaches_near_the_noise_floor(train_config) -> None:
+    cfg = train_config(
+        "experiment=mf_synthetic",
+        "logger=none",
+        "trainer.max_epochs=8",
+        "data.batch_size=4096",
+        "optimizer.lr=3e-2",
+    )
+    train(cfg)
+    metrics = metrics_of(cfg)
+    assert metrics["test/noise_floor"] == 0.5
+    assert metrics["test/rmse"] <= 1.10 * 0.5, metrics["test/rmse"]
+    assert metrics["val/rmse_best"] <= metrics["val/rmse"] + 1e-6
+    assert metrics["test/mae"] < metrics["test/rmse"]
+
+
+@pytest.mark.slow
+def test_mf_synthetic_experiment_reaches_five_percent_of_the_noise_floor(train_config) -> None:
+    cfg = train_config("experiment=mf_synthetic", "logger=none")
+    train(cfg)
+    metrics = metrics_of(cfg)
+    assert cfg.expected.max == pytest.approx(1.05 * metrics["test/noise_floor"])
+    assert metrics["test/rmse"] <= cfg.expected.max, metrics["test/rmse"]
+
+
+def test_movielens_through_train_with_every_format(train_config, tmp_path: Path) -> None:
+    for writer in (write_100k, write_1m, write_latest):
+        folder = tmp_path / writer.__name__
+        writer(folder, tiny_ratings(count=80))
+        cfg = train_config(
+            "experiment=mf_movielens",
+            f"data.path={folder}",
+            "trainer.max_epochs=2",
+            "logger=none",
+            folder=f"run_{writer.__name__}",
+        )
+        train(cfg)
+        metrics = metrics_of(cfg)
+        assert 0 < metrics["test/rmse"] < 5 and "test/mae" in metrics
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "runs_as"), [("adam", "SparseAdam"), ("adamw", "SparseAdam"), ("adagrad", "Adagrad")]
+)
+def test_sparse_gradients_train_with_a_matching_optimizer(train_config, optimizer: str, runs_as: str) -> None:
+    from zoo.run import build_model
+
+    settings = ["experiment=mf_synthetic", *SMALL, f"optimizer={optimizer}", "model.net.sparse=true"]
+    lr = "optimizer.lr=0.1" if optimizer == "adagrad" else "optimizer.lr=0.03"
+    optimizer_object = build_model(train_config(*settings, "scheduler=none")).configure_optimizers()
+    assert type(optimizer_object).__name__ == runs_as
+    cfg = train_config(*settings, lr, "trainer.max_epochs=6", "logger=none", "test=false")
+    train(cfg)
+    assert metrics_of(cfg)["val/rmse"] < 0.88  # untrained: 0.93; dense Adam: 0.84
+
+
+def test_sparse_gradients_refuse_an_optimizer_that_cannot_take_them(train_config) -> None:
+    cfg = train_config("experiment=mf_synthetic", *SMALL, "optimizer=rmsprop", "model.net.sparse=true", "logger=none")
+    with pytest.raises(UserError, match="sparse"):
+        train(cfg)
+
+
+def test_resume_equals_the_uninterrupted_run(train_config) -> None:
+    settings = [*SMALL, "trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1", "test=false", "logger=none"]
+    for experiment in ("mf_synthetic", "mf_implicit_synthetic"):  # the implicit one draws negatives at random
+        full = train_config(f"experiment={experiment}", *settings, folder=f"{experiment}_full")
+        train(full)
+        checkpoints = Path(full.paths.output_dir) / "checkpoints"
+        resumed = train_config(
+            f"experiment={experiment}",
+            *settings,
+            f"ckpt_path={checkpoints / 'epoch_001.ckpt'}",
+            folder=f"{experiment}_resumed",
+        )
+        train(resumed)
+        a, b = (params(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt") for c in (full, resumed))
+        halfway = params(checkpoints / "epoch_001.ckpt")
+        assert not all(torch.equal(halfway[k], a[k]) for k in a), experiment
+        for key in a:
+            assert torch.equal(a[key], b[key]), (experiment, key)
+
+
+def test_evaluate_reproduces_the_test_metrics_and_tensorboard_has_the_projector(train_config, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train_config("experiment=mf_synthetic", *SMALL, "trainer.max_epochs=3")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    logged = metrics_of(cfg)
+    ckpt = next((run / "checkpoints").glob("epoch_*.ckpt"))
+    eval_cfg = compose_config("eval", [f"ckpt_path={ckpt}", "extras.print_config=false"], tmp_path)
+    eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    scored = evaluate(eval_cfg)
+    for name in ("test/rmse", "test/mae", "test/unknown_users"):
+        assert scored[name] == pytest.approx(logged[name], abs=1e-6), name
+
+    scalars = set()
+    for events in (run / "tensorboard").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+        if "val/rmse" in accumulator.Tags()["scalars"]:
+            assert len(accumulator.Scalars("val/rmse")) == 3  # one point per epoch
+    assert {"train/loss", "val/rmse", "val/mae", "test/rmse", "test/mae"} <= scalars
+    assert (run / "tensorboard" / "projector_config.pbtxt").is_file()
+    (metadata,) = (run / "tensorboard").rglob("items/metadata.tsv")
+    labels = metadata.read_text().splitlines()
+    assert labels[0] == "item 0" and len(labels) == 100
+
+
+def test_cross_validation_over_ratings(train_config) -> None:
+    cfg = train_config("experiment=mf_synthetic", *SMALL, "cv.folds=2", "trainer.max_epochs=1", "logger=none")
+    train(cfg)
+    report = json.loads((Path(cfg.paths.output_dir) / "cv.json").read_text())
+    assert report["folds"] == 2 and "test/rmse" in report["mean"]
+
+
+# ---------------------------------------------------------------- implicit feedback and two towers
+
+
+def test_implicit_mf_ranks_better_than_chance(train_config) -> None:
+    cfg = train_config("experiment=mf_implicit_synthetic", "trainer.max_epochs=6", "logger=none")
+    train(cfg)
+    metrics = metrics_of(cfg)
+    # chance: 10 of about 230 unrated items, and 10 of 101 sampled candidates
+    assert metrics["test/hr@10"] > 0.08 and metrics["test/hr@10_sampled100"] > 0.18
+    assert metrics["test/ndcg@10"] <= metrics["test/hr@10"]
+    assert metrics["val/ndcg@10_best"] >= metrics["val/ndcg@10"] - 1e-6
+
+
+def test_logistic_loss_and_two_tower_run(train_config, tmp_path: Path) -> None:
+    write_100k(tmp_path / "ml", tiny_ratings(count=50))
+    for overrides in (
+        ["experiment=mf_implicit_synthetic", *SMALL, "model.loss=logistic"],
+        ["model=two_tower", "data=movielens", f"data.path={tmp_path / 'ml'}", "optimizer=adam"],
+    ):
+        cfg = train_config(*overrides, "trainer.max_epochs=2", "logger=none", folder=f"run{len(overrides)}")
+        train(cfg)
+        metrics = metrics_of(cfg)
+        assert 0 <= metrics["test/hr@10"] <= 1 and 0 <= metrics["test/ndcg@10_sampled100"] <= 1
+
+
+def test_two_tower_scores_with_features_and_is_normalized() -> None:
+    net = TwoTower(4, 5, user_features=torch.eye(4), item_features=torch.eye(5)[:, :3], dim=8, temperature=0.5)
+    users = torch.tensor([0, 1, -1])
+    assert torch.allclose(net.user_vectors(users).norm(dim=-1), torch.ones(3))
+    scores = net.score_all(users)
+    assert scores.shape == (3, 5) and scores.abs().max() <= 2.0 + 1e-5
+    assert torch.allclose(
+        net(users, torch.tensor([[0, 1], [2, 3], [4, 0]])), scores.gather(1, torch.tensor([[0, 1], [2, 3], [4, 0]]))
+    )
+
+
+def test_implicit_mf_scores_candidates_like_all_items() -> None:
+    net = ImplicitMF(3, 4, rank=2)
+    users = torch.tensor([0, 2])
+    candidates = torch.tensor([[3, 1], [0, 2]])
+    assert torch.allclose(net(users, candidates), net.score_all(users).gather(1, candidates))
+
+
+def test_recommend_prints_titles_and_skips_rated_items(train_config, tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    from zoo.run import build_model
+
+    write_100k(tmp_path / "ml", tiny_ratings(count=40))
+    cfg = train_config("model=two_tower", "data=movielens", f"data.path={tmp_path / 'ml'}")
+    model = build_model(cfg)
+    data = instantiate(cfg.data)
+    rated = {i for u, i, _, _ in tiny_ratings(count=40) if u == 1}
+    top = model.recommend(1, k=3)
+    assert len(top) == 3 and not {item for item, _, _ in top} & rated
+    assert all(title.startswith("Movie ") for _, title, _ in top)
+    assert "Movie" in model.format_recommendations(1, k=3) and "without training data" in model.format_recommendations(
+        999
+    )
+    assert data.num_items == 10
+
+
+def test_evaluate_py_recommends_for_a_user(tmp_path: Path) -> None:
+    write_100k(tmp_path / "ml", tiny_ratings(count=40))
+    common = ["extras.print_config=false", "trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
+    trained = run_script(
+        "train.py", *common, "model=two_tower", "data=movielens", f"data.path={tmp_path / 'ml'}", cwd=tmp_path
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    shown = run_script("evaluate.py", ckpt, "mode=recommend", "user_id=1", "top_k=3", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "top-3 recommendations for user 1" in shown.stdout and shown.stdout.count("Movie ") >= 3
+    missing = run_script("evaluate.py", ckpt, "mode=recommend", cwd=tmp_path)
+    assert missing.returncode == 2 and "user_id: required with mode=recommend" in missing.stderr

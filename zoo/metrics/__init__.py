@@ -1,0 +1,1 @@
+"""Metrics that torchmetrics lacks: ranking scores for recommenders."""

@@ -1,0 +1,86 @@
+"""Scores of generated samples from a domain classifier's outputs, so that no Inception weights are needed.
+
+Given a classifier trained on the real data, its penultimate features of real and generated images give a
+domain Fréchet distance (FID with the classifier in Inception's place), and its class probabilities of the
+generated images give an Inception-style score, class coverage, the KL divergence of the generated class
+histogram to uniform (mode collapse raises it) and the mean confidence (blurry or alien samples lower it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) of two (N, D) feature sets, in float64.
+
+    Tr((S_r S_f)^(1/2)) is computed as the sum of square roots of the eigenvalues of S_r^(1/2) S_f S_r^(1/2),
+    a symmetric PSD matrix with the same spectrum, which avoids a non-symmetric matrix square root.
+    """
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError("the Fréchet distance needs at least 2 samples of each set")
+    real, fake = real.detach().double().cpu(), fake.detach().double().cpu()
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)
+    values, vectors = torch.linalg.eigh(cov_r)
+    sqrt_r = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+    middle = sqrt_r @ cov_f @ sqrt_r
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * trace_sqrt
+    return float(distance.clamp(min=0))
+
+
+def inception_score(probs: torch.Tensor, eps: float = 1e-12) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) (Salimans et al., 2016): high when each sample is confident and classes vary.
+
+    Between 1 and the number of classes; one split over all samples.
+    """
+    probs = probs.detach().double().cpu()
+    marginal = probs.mean(0, keepdim=True)
+    kl = (probs * ((probs + eps).log() - (marginal + eps).log())).sum(1).mean()
+    return float(kl.exp())
+
+
+def class_histogram(probs: torch.Tensor) -> torch.Tensor:
+    """Share of samples whose most likely class is each class."""
+    counts = torch.bincount(probs.argmax(1).cpu(), minlength=probs.shape[1]).double()
+    return counts / counts.sum()
+
+
+def class_coverage(probs: torch.Tensor, min_share: float = 0.0) -> int:
+    """How many classes are the top prediction of more than `min_share` of the samples (0: of at least one)."""
+    return int((class_histogram(probs) > min_share).sum())
+
+
+def kl_to_uniform(probs: torch.Tensor) -> float:
+    """KL(h || uniform) of the class histogram h: 0 for balanced classes, log(K) when one class takes all."""
+    histogram = class_histogram(probs)
+    present = histogram[histogram > 0]
+    return float((present * (present * len(histogram)).log()).sum())
+
+
+def mean_confidence(probs: torch.Tensor) -> float:
+    """Mean probability of the most likely class: how sure the classifier is that samples are digits at all."""
+    return float(probs.detach().max(1).values.double().mean())
+
+
+def generative_scores(
+    real_features: torch.Tensor, fake_features: torch.Tensor, fake_probs: torch.Tensor, min_share: float = 0.0
+) -> dict[str, float]:
+    """Every score at once, named as the tasks log them (`<split>/<name>`)."""
+    return {
+        "fid": frechet_distance(real_features, fake_features),
+        "inception_score": inception_score(fake_probs),
+        "coverage": float(class_coverage(fake_probs, min_share)),
+        "kl_uniform": kl_to_uniform(fake_probs),
+        "confidence": mean_confidence(fake_probs),
+    }
+
+
+def max_kl_to_uniform(num_classes: int) -> float:
+    """The KL of a histogram with a single class: the worst mode collapse."""
+    return math.log(num_classes)

@@ -1,0 +1,274 @@
+"""Matrix factorization and two-tower networks for recommenders.
+
+User and item indices are dense (0..n-1); an index of -1 or one outside the table means an id the
+training data never had. Explicit nets predict ratings, implicit nets score (user, item) pairs for ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _known(index: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A safe index (clamped into the table) and whether the id is real and had training data."""
+    inside = (index >= 0) & (index < len(seen))
+    safe = index.clamp(0, len(seen) - 1)
+    return safe, inside & seen[safe]
+
+
+class BiasedMF(nn.Module):
+    """Explicit-rating MF (Koren et al., 2009): r(u, i) = offset + b_u + b_i + <p_u, q_i>.
+
+    The offset is the training mean, or with `mean_normalization` the item's training mean, so that a
+    user without data gets the item mean. Ids without training data (`user_known`/`item_known` false,
+    index -1 or out of range) drop the terms they lack: an unknown user gets offset + b_i, an unknown
+    item global mean + b_u. `sparse=True` gives sparse embedding gradients (SparseAdam, SGD, Adagrad).
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        rank: int = 32,
+        init_std: float = 0.1,
+        sparse: bool = False,
+        mean_normalization: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_users < 1 or num_items < 1 or rank < 1:
+            raise ValueError(f"BiasedMF needs num_users, num_items, rank >= 1, got {num_users}, {num_items}, {rank}")
+        self.sparse, self.mean_normalization = sparse, mean_normalization
+        self.user_factors = nn.Embedding(num_users, rank, sparse=sparse)
+        self.item_factors = nn.Embedding(num_items, rank, sparse=sparse)
+        self.user_bias = nn.Embedding(num_users, 1, sparse=sparse)
+        self.item_bias = nn.Embedding(num_items, 1, sparse=sparse)
+        nn.init.normal_(self.user_factors.weight, std=init_std)
+        nn.init.normal_(self.item_factors.weight, std=init_std)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.item_bias.weight)
+        # statistics of the training split: part of the checkpoint, so evaluation predicts what training did
+        self.register_buffer("global_mean", torch.zeros(()))
+        self.register_buffer("item_mean", torch.zeros(num_items))
+        self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
+        self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_statistics(
+        self,
+        global_mean: float,
+        item_mean: torch.Tensor | None = None,
+        user_known: torch.Tensor | None = None,
+        item_known: torch.Tensor | None = None,
+    ) -> None:
+        self.global_mean.fill_(global_mean)
+        self.item_mean.copy_(item_mean if item_mean is not None else torch.full_like(self.item_mean, global_mean))
+        if user_known is not None:
+            self.user_known.copy_(user_known)
+        if item_known is not None:
+            self.item_known.copy_(item_known)
+
+    def known(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which users and items of a batch had training data."""
+        return _known(users, self.user_known)[1], _known(items, self.item_known)[1]
+
+    def _offset(self, items: torch.Tensor, item_ok: torch.Tensor) -> torch.Tensor:
+        if not self.mean_normalization:
+            return self.global_mean.expand(items.shape)
+        return torch.where(item_ok, self.item_mean[items], self.global_mean)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Predicted ratings of the pairs (users[b], items[b])."""
+        users, user_ok = _known(users, self.user_known)
+        items, item_ok = _known(items, self.item_known)
+        dot = (self.user_factors(users) * self.item_factors(items)).sum(-1)
+        user_term = self.user_bias(users).squeeze(-1) * user_ok
+        item_term = self.item_bias(items).squeeze(-1) * item_ok
+        return self._offset(items, item_ok) + user_term + item_term + dot * (user_ok & item_ok)
+
+    def predict_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Predicted ratings of each user against every item: (B, num_items)."""
+        users, user_ok = _known(users, self.user_known)
+        items = torch.arange(len(self.item_known), device=users.device)
+        item_ok = self.item_known
+        dot = self.user_factors(users) @ self.item_factors.weight.T
+        mask = user_ok[:, None] & item_ok[None, :]
+        user_term = (self.user_bias(users).squeeze(-1) * user_ok)[:, None]
+        item_term = (self.item_bias.weight.squeeze(-1) * item_ok)[None, :]
+        return self._offset(items, item_ok)[None, :] + user_term + item_term + dot * mask
+
+    def penalty(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair squared norms of the factors and of the biases, for L2 terms on the rows a batch touches."""
+        factors = self.user_factors(users).square().sum(-1) + self.item_factors(items).square().sum(-1)
+        biases = self.user_bias(users).squeeze(-1).square() + self.item_bias(items).squeeze(-1).square()
+        return factors, biases
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_factors.weight
+
+
+class ImplicitMF(nn.Module):
+    """Implicit-feedback MF for ranking: s(u, i) = b_i + <p_u, q_i> (a user bias cannot change a user's ranking).
+
+    Trained with BPR (Rendle et al., 2009) or a logistic loss on sampled negatives; `items` may be (B,)
+    or (B, C) candidates per user. Unknown users score by item bias alone (popularity); items without
+    training data score 0, since their rows hold only their random initialization.
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        rank: int = 64,
+        init_std: float = 0.1,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_users < 1 or num_items < 1 or rank < 1:
+            raise ValueError(f"ImplicitMF needs num_users, num_items, rank >= 1, got {num_users}, {num_items}, {rank}")
+        self.sparse = sparse
+        self.user_factors = nn.Embedding(num_users, rank, sparse=sparse)
+        self.item_factors = nn.Embedding(num_items, rank, sparse=sparse)
+        self.item_bias = nn.Embedding(num_items, 1, sparse=sparse)
+        nn.init.normal_(self.user_factors.weight, std=init_std)
+        nn.init.normal_(self.item_factors.weight, std=init_std)
+        nn.init.zeros_(self.item_bias.weight)
+        self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
+        self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_known(self, user_known: torch.Tensor, item_known: torch.Tensor) -> None:
+        self.user_known.copy_(user_known)
+        self.item_known.copy_(item_known)
+
+    def _users(self, users: torch.Tensor) -> torch.Tensor:
+        users, user_ok = _known(users, self.user_known)
+        return self.user_factors(users) * user_ok[:, None]
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        vectors = self._users(users)
+        if items.dim() == 2:
+            vectors = vectors.unsqueeze(1)
+        items, item_ok = _known(items, self.item_known)
+        dot = (vectors * self.item_factors(items)).sum(-1)
+        return (dot + self.item_bias(items).squeeze(-1)) * item_ok
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        scores = self._users(users) @ self.item_factors.weight.T + self.item_bias.weight.squeeze(-1)[None, :]
+        return scores * self.item_known[None, :]
+
+    def penalty(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Per-row squared norms of the user and item vectors that the batch touches."""
+        item_part = self.item_factors(items).square().sum(-1) + self.item_bias(items).squeeze(-1).square()
+        if item_part.dim() == 2:
+            item_part = item_part.sum(-1)
+        return self.user_factors(users).square().sum(-1) + item_part
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_factors.weight
+
+
+def _tower(width: int, hidden: Sequence[int], dim: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = size
+    layers.append(nn.Linear(width, dim))
+    return nn.Sequential(*layers)
+
+
+class TwoTower(nn.Module):
+    """Content-based two-tower model: MLP(user id embedding ++ user features) and MLP(item id ++ genres).
+
+    Both outputs are L2-normalized, so the score is a cosine similarity divided by `temperature`.
+    Features make a cold-start user or item scoreable: without an id row, the tower still sees its features.
+    Set `id_dim=0` for a pure content model (then each tower needs features).
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        user_features: torch.Tensor | None = None,
+        item_features: torch.Tensor | None = None,
+        dim: int = 32,
+        hidden: Sequence[int] = (64,),
+        id_dim: int = 32,
+        dropout: float = 0.0,
+        temperature: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"TwoTower temperature must be > 0, got {temperature}")
+        self.temperature, self.id_dim = temperature, id_dim
+        user_features = torch.zeros(num_users, 0) if user_features is None else user_features.float()
+        item_features = torch.zeros(num_items, 0) if item_features is None else item_features.float()
+        if id_dim == 0 and (user_features.shape[1] == 0 or item_features.shape[1] == 0):
+            raise ValueError("TwoTower with id_dim=0 needs user and item features; these data have none for one side")
+        # side information comes from the data at construction; it is not part of the checkpoint
+        self.register_buffer("user_features", user_features, persistent=False)
+        self.register_buffer("item_features", item_features, persistent=False)
+        self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
+        self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
+        self.user_ids = nn.Embedding(num_users, id_dim) if id_dim else None
+        self.item_ids = nn.Embedding(num_items, id_dim) if id_dim else None
+        for table in (self.user_ids, self.item_ids):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.1)
+        self.user_tower = _tower(id_dim + user_features.shape[1], hidden, dim, dropout)
+        self.item_tower = _tower(id_dim + item_features.shape[1], hidden, dim, dropout)
+        self.sparse = False
+
+    @torch.no_grad()
+    def set_known(self, user_known: torch.Tensor, item_known: torch.Tensor) -> None:
+        self.user_known.copy_(user_known)
+        self.item_known.copy_(item_known)
+
+    def _encode(
+        self,
+        index: torch.Tensor,
+        known: torch.Tensor,
+        ids: nn.Embedding | None,
+        features: torch.Tensor,
+        tower: nn.Module,
+    ) -> torch.Tensor:
+        inside = (index >= 0) & (index < len(known))
+        safe, trained = _known(index, known)
+        parts = [features[safe] * inside.unsqueeze(-1)]
+        if ids is not None:
+            parts.insert(0, ids(safe) * trained.unsqueeze(-1))  # an id without training data has no row to use
+        return F.normalize(tower(torch.cat(parts, dim=-1)), dim=-1)
+
+    def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
+        return self._encode(users, self.user_known, self.user_ids, self.user_features, self.user_tower)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        return self._encode(items, self.item_known, self.item_ids, self.item_features, self.item_tower)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        vectors = self.user_vectors(users)
+        if items.dim() == 2:
+            vectors = vectors.unsqueeze(1)
+        return (vectors * self.item_vectors(items)).sum(-1) / self.temperature
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        items = torch.arange(len(self.item_known), device=users.device)
+        return self.user_vectors(users) @ self.item_vectors(items).T / self.temperature
+
+    def penalty(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Squared norms of the id rows a batch touches; the towers' weights take the optimizer's weight decay."""
+        total = torch.zeros(len(users), device=users.device)
+        if self.user_ids is not None and self.item_ids is not None:
+            item_part = self.item_ids(items.clamp(min=0)).square().sum(-1)
+            total = self.user_ids(users.clamp(min=0)).square().sum(-1) + (
+                item_part.sum(-1) if item_part.dim() == 2 else item_part
+            )
+        return total
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_vectors(torch.arange(len(self.item_known), device=self.item_known.device))

@@ -1,0 +1,412 @@
+"""Recommenders: explicit rating prediction (RMSE, MAE) and implicit-feedback ranking (HR@k, NDCG@k).
+
+Both tasks take the rating datamodule itself (`model.data: ${data}` in their configs): the embedding
+tables are sized by its numbers of users and items, which MovieLens only tells once read, and the id
+maps, training statistics, titles and features come from it too (see zoo.data.ratings).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import MaxMetric, MeanAbsoluteError, MeanMetric, MeanSquaredError, MinMetric, SumMetric
+
+from zoo.errors import UserError
+from zoo.metrics.ranking import exclude_seen, hit_rate, ndcg, target_ranks
+from zoo.optim import lr_scheduler_config
+from zoo.tasks import figures
+
+if TYPE_CHECKING:
+    from zoo.data.ratings import RatingsDataModule
+
+# one (users x items) score matrix is cut into chunks of at most this many entries
+SCORE_CHUNK = 1 << 22
+LOSSES = ("bpr", "logistic")
+
+
+def build_net(net: nn.Module | Callable[..., nn.Module], data: RatingsDataModule) -> nn.Module:
+    """Call the network factory with the sizes (and, where it takes them, the features) of the data."""
+    if isinstance(net, nn.Module):
+        return net
+
+    def as_tensor(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array)
+
+    offered = {
+        "num_users": data.num_users,
+        "num_items": data.num_items,
+        "user_features": as_tensor(data.user_features),
+        "item_features": as_tensor(data.item_features),
+    }
+    accepted = inspect.signature(net).parameters
+    return net(**{k: v for k, v in offered.items() if k in accepted})
+
+
+def make_optimizer(
+    make: Callable[..., torch.optim.Optimizer] | None, module: nn.Module, sparse: bool
+) -> torch.optim.Optimizer:
+    """Biases in a group without weight decay; sparse gradients get an optimizer that takes them.
+
+    With sparse embedding gradients, Adam and AdamW run as torch.optim.SparseAdam with the same lr,
+    betas and eps (SparseAdam has no weight decay: the L2 terms of the loss regularize the rows a batch
+    touches); SGD and Adagrad take sparse gradients as they are, with weight_decay 0.
+    """
+    if make is None:
+        raise ValueError("no optimizer given: set the `optimizer` config group, e.g. optimizer=adam")
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    weights = [p for n, p in named if "bias" not in n]
+    biases = [p for n, p in named if "bias" in n]
+    groups: list[dict[str, Any]] = [{"params": weights, "name": "lr"}]
+    if biases:
+        groups.append({"params": biases, "name": "lr_biases", **({} if sparse else {"weight_decay": 0.0})})
+    if not sparse:
+        return make(params=groups)
+    function = getattr(make, "func", make)
+    settings = dict(getattr(make, "keywords", {}))
+    if function in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SparseAdam):
+        return torch.optim.SparseAdam(
+            groups,
+            lr=float(settings.get("lr", 1e-3)),
+            betas=tuple(settings.get("betas", (0.9, 0.999))),
+            eps=float(settings.get("eps", 1e-8)),
+        )
+    if function in (torch.optim.SGD, torch.optim.Adagrad):
+        if settings.get("weight_decay"):
+            raise UserError(
+                "optimizer.weight_decay must be 0 with sparse gradients (model.net.sparse=true); "
+                "the model's L2 terms regularize"
+            )
+        return make(params=groups)
+    name = getattr(function, "__name__", str(function))
+    raise UserError(
+        f"model.net.sparse=true needs optimizer=adam, adamw, sgd or adagrad; {name} takes no sparse gradients"
+    )
+
+
+class _Recommender(L.LightningModule):
+    """What both tasks share: the id maps and side information of the data, optimizers, projector, top-k."""
+
+    def __init__(
+        self,
+        data: RatingsDataModule,
+        net: nn.Module | Callable[..., nn.Module],
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
+        scheduler: Callable[..., Any] | None,
+        monitor: str,
+    ) -> None:
+        super().__init__()
+        if not hasattr(data, "num_users"):
+            raise UserError(
+                f"model: a recommender needs rating data, data=ratings_synthetic or data=movielens, "
+                f"not {type(data).__name__}"
+            )
+        self.net = build_net(net, data)
+        self.make_optimizer, self.make_scheduler, self.monitor = optimizer, scheduler, monitor
+        # the raw ids behind the dense indices: saved with the weights, so raw ids map the same way later
+        self.register_buffer("user_ids", torch.from_numpy(data.user_ids))
+        self.register_buffer("item_ids", torch.from_numpy(data.item_ids))
+        self.register_buffer("seen_indptr", torch.from_numpy(data.seen_indptr), persistent=False)
+        self.register_buffer("seen_items", torch.from_numpy(data.seen_items), persistent=False)
+        self.item_titles: list[str] = list(data.item_titles)
+        self.genre_names: list[str] = list(data.genre_names)
+        self.item_genres = data.item_features
+        self.data_name = data.name
+
+    def scores_of_all_items(self, users: torch.Tensor) -> torch.Tensor:  # each task defines it
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> Any:
+        optimizer = make_optimizer(self.make_optimizer, self.net, bool(getattr(self.net, "sparse", False)))
+        if self.make_scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler_config(self.make_scheduler, optimizer, self.trainer, self.monitor),
+        }
+
+    def write_projector(self) -> None:
+        """Item embeddings to TensorBoard's projector, labelled by title (and genres where the data has them)."""
+        writer = figures.tensorboard_writer(self.loggers)
+        if writer is None or not self.trainer.is_global_zero:
+            return
+        with torch.no_grad():
+            vectors = self.net.item_embeddings().detach().float().cpu()
+        keep = np.flatnonzero(self.net.item_known.cpu().numpy())
+        if len(keep) < 2:
+            return
+        clean = lambda text: " ".join(str(text).split()) or "-"  # noqa: E731 - tabs and newlines break the TSV
+        titles = [clean(self.item_titles[k]) for k in keep]
+        if self.item_genres is not None and self.genre_names:
+            genres = [
+                clean("|".join(g for g, flag in zip(self.genre_names, self.item_genres[k]) if flag)) for k in keep
+            ]
+            metadata: list[Any] = [list(row) for row in zip(titles, genres)]
+            header: list[str] | None = ["title", "genres"]
+        else:
+            metadata, header = titles, None
+        writer.add_embedding(
+            vectors[torch.from_numpy(keep)],
+            metadata=metadata,
+            metadata_header=header,
+            tag="items",
+            global_step=self.global_step,
+        )
+
+    def user_index(self, user_id: int) -> int:
+        """The dense index of a raw user id, -1 for an id the data never had."""
+        position = int(torch.searchsorted(self.user_ids, torch.tensor(user_id, device=self.user_ids.device)))
+        found = position < len(self.user_ids) and int(self.user_ids[position]) == user_id
+        return position if found else -1
+
+    @torch.no_grad()
+    def recommend(self, user_id: int, k: int = 10) -> list[tuple[int, str, float]]:
+        """Top-k (raw item id, title, score) for a raw user id, leaving out the items the user already rated.
+
+        A user id without training data is ranked by the model's terms that need no user row (biases, features).
+        """
+        was_training = self.training
+        self.eval()
+        index = self.user_index(user_id)
+        scores = self.scores_of_all_items(torch.tensor([index], device=self.device))[0].clone()
+        self.train(was_training)
+        if index >= 0:
+            scores[self.seen_items[self.seen_indptr[index] : self.seen_indptr[index + 1]]] = -math.inf
+        top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+        return [
+            (int(self.item_ids[i]), self.item_titles[i], float(s))
+            for i, s in zip(top.indices.tolist(), top.values.tolist())
+        ]
+
+    eval_modes = ("recommend",)
+
+    def run_eval_mode(self, mode: str, cfg: Any) -> None:
+        """`evaluate.py mode=recommend user_id=... top_k=...` prints the user's top-k items."""
+        if cfg.get("user_id") is None:
+            raise UserError("user_id: required with mode=recommend, e.g. user_id=196")
+        print(self.format_recommendations(int(cfg.user_id), int(cfg.get("top_k", 10))))
+
+    def format_recommendations(self, user_id: int, k: int = 10) -> str:
+        """The table that `evaluate.py mode=recommend user_id=...` prints: rank, item id, title, score."""
+        rows = self.recommend(user_id, k)
+        index = self.user_index(user_id)
+        lines = [f"top-{k} recommendations for user {user_id} ({self.data_name})"]
+        if index < 0 or not bool(self.net.user_known[index]):
+            lines[0] += ": a user without training data, ranked without a user vector"
+        width = max((len(t) for _, t, _ in rows), default=5)
+        lines += [
+            f"{rank:>3}  {item:>7}  {title:<{width}}  {score:8.3f}" for rank, (item, title, score) in enumerate(rows, 1)
+        ]
+        return "\n".join(lines)
+
+
+class RatingTask(_Recommender):
+    """Explicit ratings: squared error plus L2 on the factors and biases of the rows each batch touches.
+
+    Logs `train/loss` (the objective), `train/rmse`, `val/rmse`, `val/mae`, `val/rmse_best`, `test/rmse`,
+    `test/mae`, and per split the number of ratings whose user or item had no training data
+    (`*/unknown_users`, `*/unknown_items`: these get bias-only predictions). Evaluation clips
+    predictions to the rating scale. A generated data set also logs its noise floor, `test/noise_floor`.
+    """
+
+    def __init__(
+        self,
+        data: RatingsDataModule,
+        net: nn.Module | Callable[..., nn.Module],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        monitor: str = "val/rmse",
+        factor_l2: float = 0.02,
+        bias_l2: float = 0.02,
+        clip_predictions: bool = True,
+    ) -> None:
+        super().__init__(data, net, optimizer, scheduler, monitor)
+        if factor_l2 < 0 or bias_l2 < 0:
+            raise ValueError(f"model.factor_l2 and model.bias_l2 must be >= 0, got {factor_l2}, {bias_l2}")
+        if data.protocol != "ratings":
+            raise UserError("model: this explicit-rating model needs data.protocol=ratings")
+        self.factor_l2, self.bias_l2, self.clip_predictions = factor_l2, bias_l2, clip_predictions
+        self.net.set_statistics(
+            data.global_mean,
+            torch.from_numpy(data.item_mean),
+            torch.from_numpy(data.user_known),
+            torch.from_numpy(data.item_known),
+        )
+        self.register_buffer("rating_scale", torch.tensor(data.scale, dtype=torch.float32))
+        self.noise_std = data.noise_std
+        self.train_loss, self.train_rmse = MeanMetric(), MeanSquaredError(squared=False)
+        self.val_rmse, self.test_rmse = MeanSquaredError(squared=False), MeanSquaredError(squared=False)
+        self.val_mae, self.test_mae = MeanAbsoluteError(), MeanAbsoluteError()
+        self.unknown = nn.ModuleDict({f"{s}_{w}": SumMetric() for s in ("val", "test") for w in ("users", "items")})
+        self.val_rmse_best = MinMetric()
+        self.val_rmse_best.persistent(True)  # part of the checkpoint, so a resumed run keeps its best
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Ratings for evaluation: clipped to the scale of the data."""
+        predictions = self.net(users, items)
+        if self.clip_predictions:
+            predictions = predictions.clamp(self.rating_scale[0], self.rating_scale[1])
+        return predictions
+
+    def scores_of_all_items(self, users: torch.Tensor) -> torch.Tensor:
+        return self.net.predict_all(users)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        users, items, ratings = batch
+        predictions = self.net(users, items)
+        factors, biases = self.net.penalty(users, items)
+        loss = F.mse_loss(predictions, ratings) + self.factor_l2 * factors.mean() + self.bias_l2 * biases.mean()
+        self.train_loss.update(loss.detach())
+        self.train_rmse.update(predictions.detach(), ratings)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/rmse", self.train_rmse, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], split: str) -> None:
+        users, items, ratings = batch
+        predictions = self(users, items)
+        rmse, mae = (self.val_rmse, self.val_mae) if split == "val" else (self.test_rmse, self.test_mae)
+        rmse.update(predictions, ratings)
+        mae.update(predictions, ratings)
+        user_ok, item_ok = self.net.known(users, items)
+        self.unknown[f"{split}_users"].update((~user_ok).sum())
+        self.unknown[f"{split}_items"].update((~item_ok).sum())
+        self.log(f"{split}/rmse", rmse, on_epoch=True, prog_bar=split == "val")
+        self.log(f"{split}/mae", mae, on_epoch=True)
+        self.log(f"{split}/unknown_users", self.unknown[f"{split}_users"], on_epoch=True)
+        self.log(f"{split}/unknown_items", self.unknown[f"{split}_items"], on_epoch=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # the sanity check's untrained score is no "best"
+            return
+        self.val_rmse_best(self.val_rmse.compute())
+        self.log("val/rmse_best", self.val_rmse_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        if self.noise_std is not None:
+            self.log("test/noise_floor", float(self.noise_std))
+        self.write_projector()
+
+
+class RankingTask(_Recommender):
+    """Implicit feedback: each training interaction against `num_negatives` sampled items the user has not had.
+
+    loss=bpr: -log sigmoid(s_pos - s_neg) (Rendle et al., 2009); loss=logistic: binary cross-entropy with
+    the positive as 1 and the negatives as 0. Negatives are uniform over items, redrawn where they hit a
+    training interaction. Evaluation is leave-one-out: the held-out item's rank among all items the user
+    has not rated (`val/hr@10`, `val/ndcg@10`, `test/...`), and among the data's fixed sampled negatives
+    (`*/hr@10_sampled100`, `*/ndcg@10_sampled100`, the protocol of He et al., 2017). Also logs
+    `val/ndcg@10_best` and `*/unknown_items`: held-out items without training data.
+    """
+
+    def __init__(
+        self,
+        data: RatingsDataModule,
+        net: nn.Module | Callable[..., nn.Module],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        monitor: str = "val/ndcg@10",
+        loss: str = "bpr",
+        num_negatives: int = 4,
+        l2: float = 1e-4,
+        k: int = 10,
+    ) -> None:
+        super().__init__(data, net, optimizer, scheduler, monitor)
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss: unknown '{loss}'; allowed: {', '.join(LOSSES)}")
+        if num_negatives < 1 or k < 1 or l2 < 0:
+            raise ValueError(f"model.num_negatives and model.k must be >= 1 and model.l2 >= 0, got {num_negatives}")
+        if data.protocol != "leave_one_out":
+            raise UserError("model: this ranking model needs data.protocol=leave_one_out")
+        self.loss_name, self.num_negatives, self.l2, self.k = loss, num_negatives, l2, k
+        self.net.set_known(torch.from_numpy(data.user_known), torch.from_numpy(data.item_known))
+        train_users, train_items = data.splits["train"]
+        keys = torch.unique(train_users * data.num_items + train_items)
+        self.register_buffer("train_keys", keys, persistent=False)
+        self.sampled = f"sampled{data.sampled_negatives}"
+        self.train_loss = MeanMetric()
+        names = [f"hr@{k}", f"ndcg@{k}", f"hr@{k}_{self.sampled}", f"ndcg@{k}_{self.sampled}"]
+        self.names = names
+        self.scores = nn.ModuleDict({f"{s}_{n}": MeanMetric() for s in ("val", "test") for n in range(len(names))})
+        self.unknown = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
+        self.val_ndcg_best = MaxMetric()
+        self.val_ndcg_best.persistent(True)
+
+    def scores_of_all_items(self, users: torch.Tensor) -> torch.Tensor:
+        return self.net.score_all(users)
+
+    def _negatives(self, users: torch.Tensor) -> torch.Tensor:
+        num_items = len(self.item_ids)
+        negatives = torch.randint(0, num_items, (len(users), self.num_negatives), device=users.device)
+        for _ in range(3):
+            keys = users[:, None] * num_items + negatives
+            found = self.train_keys[torch.searchsorted(self.train_keys, keys).clamp(max=len(self.train_keys) - 1)]
+            hit = found == keys
+            if not hit.any():
+                break
+            negatives = torch.where(hit, torch.randint_like(negatives, num_items), negatives)
+        return negatives
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        users, items = batch[0], batch[1]
+        negatives = self._negatives(users)
+        positive = self.net(users, items)
+        negative = self.net(users, negatives)
+        if self.loss_name == "bpr":
+            data_loss = -F.logsigmoid(positive[:, None] - negative).mean()
+        else:
+            data_loss = (F.softplus(-positive).sum() + F.softplus(negative).sum()) / (negative.numel() + len(users))
+        candidates = torch.cat([items[:, None], negatives], dim=1)
+        loss = data_loss + self.l2 * self.net.penalty(users, candidates).mean()
+        self.train_loss.update(loss.detach())
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], split: str) -> None:
+        users, targets, negatives = batch
+        chunk = max(1, SCORE_CHUNK // max(1, len(self.item_ids)))
+        for start in range(0, len(users), chunk):
+            part = slice(start, start + chunk)
+            scores = exclude_seen(
+                self.net.score_all(users[part]), users[part], targets[part], self.seen_indptr, self.seen_items
+            )
+            ranks = target_ranks(scores, targets[part])
+            sampled = self.net(users[part], torch.cat([targets[part, None], negatives[part]], dim=1))
+            sampled_ranks = target_ranks(sampled, torch.zeros_like(targets[part]))
+            values = (hit_rate(ranks, self.k), ndcg(ranks, self.k))
+            values += (hit_rate(sampled_ranks, self.k), ndcg(sampled_ranks, self.k))
+            for n, value in enumerate(values):
+                self.scores[f"{split}_{n}"].update(value)
+        item_ok = self.net.item_known[targets.clamp(0, len(self.item_ids) - 1)]
+        self.unknown[split].update((~item_ok).sum())
+        for n, name in enumerate(self.names):
+            self.log(f"{split}/{name}", self.scores[f"{split}_{n}"], on_epoch=True, prog_bar=n == 1 and split == "val")
+        self.log(f"{split}/unknown_items", self.unknown[split], on_epoch=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_ndcg_best(self.scores["val_1"].compute())
+        self.log(f"val/ndcg@{self.k}_best", self.val_ndcg_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.write_projector()
