@@ -116,10 +116,6 @@ def cross_validate(cfg: DictConfig, output_dir: Path, folds: int) -> dict[str, f
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model and data from the config saved in the checkpoint's run folder and score it."""
-    import lightning as L
-    from hydra.utils import instantiate
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = Path(cfg.ckpt_path)
     run_cfg = saved_run_config(ckpt_path)
@@ -127,11 +123,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         from zoo.boost import run as boost_run
 
         return boost_run.evaluate(cfg, run_cfg)
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     if cfg.get("batch_size"):
         run_cfg.data.eval_batch_size = cfg.batch_size
     datamodule = instantiate(run_cfg.data)
     model = build_model(run_cfg)
     check_checkpoint(str(ckpt_path), model)
+    mode = cfg.get("mode", "score")
+    if mode != "score":
+        return _run_eval_mode(cfg, model, ckpt_path, mode)
     trainer = L.Trainer(
         accelerator=cfg.get("accelerator") or "auto",
         devices=1,
@@ -151,6 +155,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     print(f"\n{split} metrics of {ckpt_path}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
     return metrics
+
+
+def _run_eval_mode(cfg: DictConfig, model: Any, ckpt_path: Path, mode: str) -> dict[str, float]:
+    """Modes other than scoring belong to a family: its task lists them in `eval_modes` and runs them."""
+    import torch
+
+    offered = tuple(getattr(model, "eval_modes", ()))
+    if mode not in offered:
+        raise UserError(
+            f"mode: '{mode}' is not offered by {type(model).__name__}; allowed: {', '.join(('score', *offered))}"
+        )
+    model.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
+    model.eval()
+    return model.run_eval_mode(mode, cfg) or {}
 
 
 def is_boosted(cfg: DictConfig) -> bool:
