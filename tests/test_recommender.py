@@ -426,6 +426,7 @@ def test_implicit_mf_ranks_better_than_chance(train_config) -> None:
     assert metrics["test/hr@10"] > 0.08 and metrics["test/hr@10_sampled100"] > 0.18
     assert metrics["test/ndcg@10"] <= metrics["test/hr@10"]
     assert metrics["val/ndcg@10_best"] >= metrics["val/ndcg@10"] - 1e-6
+    assert metrics["test/hr@10"] > metrics["test/hr@10_popularity"] > 0.0
 
 
 def test_logistic_loss_and_two_tower_run(train_config, tmp_path: Path) -> None:

@@ -308,8 +308,10 @@ class RankingTask(_Recommender):
     the positive as 1 and the negatives as 0. Negatives are uniform over items, redrawn where they hit a
     training interaction. Evaluation is leave-one-out: the held-out item's rank among all items the user
     has not rated (`val/hr@10`, `val/ndcg@10`, `test/...`), and among the data's fixed sampled negatives
-    (`*/hr@10_sampled100`, `*/ndcg@10_sampled100`, the protocol of He et al., 2017). Also logs
-    `val/ndcg@10_best` and `*/unknown_items`: held-out items without training data.
+    (`*/hr@10_sampled100`, `*/ndcg@10_sampled100`, the protocol of He et al., 2017). The popularity baseline
+    (items ranked by their number of training interactions, same protocol) is logged beside the model as
+    `*/hr@10_popularity` and `*/ndcg@10_popularity`: a model that does not beat it clearly has learned nothing
+    personal. Also logs `val/ndcg@10_best` and `*/unknown_items`: held-out items without training data.
     """
 
     def __init__(
@@ -336,9 +338,12 @@ class RankingTask(_Recommender):
         train_users, train_items = data.splits["train"]
         keys = torch.unique(train_users * data.num_items + train_items)
         self.register_buffer("train_keys", keys, persistent=False)
+        popularity = torch.bincount(train_items, minlength=data.num_items).float()
+        self.register_buffer("popularity", popularity, persistent=False)
         self.sampled = f"sampled{data.sampled_negatives}"
         self.train_loss = MeanMetric()
         names = [f"hr@{k}", f"ndcg@{k}", f"hr@{k}_{self.sampled}", f"ndcg@{k}_{self.sampled}"]
+        names += [f"hr@{k}_popularity", f"ndcg@{k}_popularity"]
         self.names = names
         self.scores = nn.ModuleDict({f"{s}_{n}": MeanMetric() for s in ("val", "test") for n in range(len(names))})
         self.unknown = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
@@ -388,6 +393,11 @@ class RankingTask(_Recommender):
             sampled_ranks = target_ranks(sampled, torch.zeros_like(targets[part]))
             values = (hit_rate(ranks, self.k), ndcg(ranks, self.k))
             values += (hit_rate(sampled_ranks, self.k), ndcg(sampled_ranks, self.k))
+            popular = self.popularity.expand(len(users[part]), -1)
+            popular_ranks = target_ranks(
+                exclude_seen(popular, users[part], targets[part], self.seen_indptr, self.seen_items), targets[part]
+            )
+            values += (hit_rate(popular_ranks, self.k), ndcg(popular_ranks, self.k))
             for n, value in enumerate(values):
                 self.scores[f"{split}_{n}"].update(value)
         item_ok = self.net.item_known[targets.clamp(0, len(self.item_ids) - 1)]
