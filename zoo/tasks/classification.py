@@ -56,8 +56,11 @@ class ClassificationTask(L.LightningModule):
                 prefix=prefix,
             )
 
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # training loss sum and correct predictions: running sums instead of torchmetrics objects,
+        # whose per-step input checks cost more than a small network's whole step
+        self.register_buffer("train_sums", torch.zeros(2), persistent=False)
+        self.train_samples = 0
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_metrics, self.test_metrics = metrics("val/"), metrics("test/")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # part of the checkpoint, so a resumed run keeps its best
@@ -73,13 +76,24 @@ class ClassificationTask(L.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if self.training else 0.0)
         return loss, logits.argmax(dim=1), y
 
+    def on_train_epoch_start(self) -> None:
+        self.train_sums.zero_()
+        self.train_samples = 0
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, preds, y = self._step(batch)
-        self.train_loss.update(loss.detach())  # update, not forward: no per-step compute or sync
-        self.train_acc.update(preds, y)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        with torch.no_grad():
+            self.train_sums += torch.stack((loss.detach().float() * len(y), (preds == y).sum().float()))
+        self.train_samples += len(y)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Epoch means over every sample of every process: the sums are reduced before dividing."""
+        sums = torch.cat((self.train_sums, self.train_sums.new_tensor([self.train_samples])))
+        loss_sum, correct, samples = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        # the values are equal on every process already; sync_dist only keeps Lightning from asking for it
+        self.log("train/loss", loss_sum / samples, prog_bar=True, sync_dist=True)
+        self.log("train/acc", correct / samples, sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, preds, y = self._step(batch)
