@@ -75,6 +75,30 @@ class TensorBatches:
             yield tuple(batch)
 
 
+def batches_for(
+    trainer: L.Trainer | None,
+    tensors: Sequence[torch.Tensor],
+    batch_size: int,
+    train: bool,
+    seed: int,
+    augment: BatchAugment | None = None,
+) -> TensorBatches:
+    """Batches for the trainer that asks: on its device, this process's share under DDP, shuffled only for
+    training, and in a fixed order when it overfits a few batches (`trainer.overfit_batches`)."""
+    device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    overfit = trainer is not None and trainer.overfit_batches > 0
+    return TensorBatches(
+        [t.to(device) for t in tensors],
+        batch_size,
+        shuffle=train and not overfit,
+        seed=seed,
+        rank=rank,
+        world_size=world,
+        augment=augment,
+    )
+
+
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Cut indices into len(fractions)+1 parts with the class proportions of `labels` in each."""
     from sklearn.model_selection import train_test_split
@@ -161,20 +185,9 @@ class TensorDataModule(L.LightningDataModule):
             self.splits[name] = (torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(ys, dtype=torch.long))
 
     def _batches(self, split: str, train: bool) -> TensorBatches:
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        overfit = trainer is not None and trainer.overfit_batches > 0
-        x, y = (t.to(device) for t in self.splits[split])
-        return TensorBatches(
-            (x, y),
-            self.batch_size if train else self.eval_batch_size,
-            shuffle=train and not overfit,
-            seed=self.shuffle_seed,
-            rank=rank,
-            world_size=world,
-            augment=self.augment if train else None,
-        )
+        size = self.batch_size if train else self.eval_batch_size
+        augment = self.augment if train else None
+        return batches_for(self.trainer, self.splits[split], size, train, self.shuffle_seed, augment)
 
     def train_dataloader(self) -> TensorBatches:
         return self._batches("train", train=True)
