@@ -318,6 +318,23 @@ def test_breast_cancer_five_fold_accuracy(train_config) -> None:
     assert train(cfg) >= 0.95
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+def test_boosting_on_cuda_matches_the_cpu(train_config) -> None:
+    scores = {}
+    for device in ("cpu", "cuda"):
+        cfg = train_config("experiment=xgb_breast_cancer", f"model.device={device}", "logger=none", folder=device)
+        cfg.optimized_metric = "test/acc"
+        scores[device] = train(cfg)
+    assert scores["cuda"] >= 0.93 and abs(scores["cuda"] - scores["cpu"]) <= 0.03
+
+
 def _yaml(path: Path) -> dict:
     from omegaconf import OmegaConf
 
