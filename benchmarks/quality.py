@@ -52,7 +52,7 @@ REFERENCES = {
     "cnn_digits": Reference(0.985, "expected", 0.985),
     "mlp_mnist1d": Reference(0.68, "paper", 0.68),
     "cnn_mnist1d": Reference(0.94, "paper", 0.95),
-    "logreg_mnist1d": Reference(0.32, "paper", 0.32),
+    "logreg_mnist1d": Reference(0.32, "paper", 0.30),
 }
 
 
