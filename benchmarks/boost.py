@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "configs"
+from common import ROOT, compose_config, table
+
 QUIET = ["extras.print_config=false"]
 
 
@@ -48,16 +48,9 @@ TARGETS = {
 
 def cross_validate(experiment: str, folds: int, folder: Path, overrides: list[str] = ()) -> tuple[dict, float]:
     """`train.py experiment=<name> cv.folds=<k>` in this process; the CV report (cv.json) and the wall time."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
     from zoo.run import train
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", f"cv.folds={folds}", *QUIET, *overrides])
-    with open_dict(cfg):
-        cfg.paths.log_dir = str(folder / "logs")
-        cfg.paths.output_dir = str(folder / experiment)
+    cfg = compose_config([f"experiment={experiment}", f"cv.folds={folds}", *QUIET, *overrides], folder, experiment)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(Path(cfg.paths.output_dir) / "stdout.txt", "w") as log, contextlib.redirect_stdout(log):
@@ -91,13 +84,6 @@ def optuna_search(trials: int, folds: int, folder: Path) -> tuple[dict[str, floa
 
 def mean_std(report: dict, metric: str) -> str:
     return f"{report['mean'][metric]:.4f} ± {report['std'][metric]:.4f}"
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main() -> None:

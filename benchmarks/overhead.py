@@ -12,11 +12,9 @@ says what the zoo costs over the loop a user would write by hand, and the profil
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
+from common import compose_config, quiet_lightning, table
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.profilers import SimpleProfiler
@@ -36,7 +34,6 @@ from torch.nn import functional as F
 from zoo.data.tensor import TensorDataModule
 from zoo.run import build_model
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 WARMUP_EPOCHS = 1
 PROFILE_EPOCHS = 5
 # The zoo as a user runs it, minus the config printout (not training) and the model summary (printed before the
@@ -123,15 +120,10 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def compose_config(overrides: list[str], folder: Path, data: dict[str, Any] | None) -> DictConfig:
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(folder)
-        cfg.paths.data_dir = str(folder / "data")
-        cfg.paths.log_dir = str(folder / "logs")
-        cfg.paths.output_dir = str(folder / "run")
-        if data is not None:
+def case_config(overrides: list[str], folder: Path, data: dict[str, Any] | None) -> DictConfig:
+    cfg = compose_config(overrides, folder)
+    if data is not None:
+        with open_dict(cfg):
             cfg.data = OmegaConf.create(data)
     return cfg
 
@@ -264,7 +256,7 @@ def zoo_config(case: Case, epochs: int, device: torch.device, extra: list[str], 
         overrides.append("trainer.accelerator=gpu")
     if lean:
         overrides += LEAN
-    return compose_config(overrides, folder, case.data)
+    return case_config(overrides, folder, case.data)
 
 
 def run_case(name: str, case: Case, epochs: int, repeats: int, device: torch.device, extra: list[str]) -> Result:
@@ -290,15 +282,6 @@ def run_case(name: str, case: Case, epochs: int, repeats: int, device: torch.dev
                 flush=True,
             )
     return Result(name, case, best["plain"], best["zoo"], best["lean"])
-
-
-def table(rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-
-    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
 
 
 def results_table(results: list[Result]) -> str:
@@ -401,12 +384,7 @@ def main() -> None:
         parser.error("--device cuda: no CUDA device is visible")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    quiet_lightning()
 
     available = cases(args.resnet_samples)
     chosen = [c.strip() for c in args.cases.split(",") if c.strip()]

@@ -13,32 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
-import logging
 import math
 import os
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from common import CONFIG_DIR, QUIET, compose_config, quiet_lightning, table
+from omegaconf import DictConfig
 
 from zoo.run import train
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# quiet runs: progress bars, the model summary and the config printout do not change what is learned
-QUIET = [
-    "extras.print_config=false",
-    "callbacks.progress_bar=null",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
 
 
 @dataclass(frozen=True)
@@ -63,23 +51,16 @@ class Run:
     seconds: float
 
 
-def compose_config(experiment: str, seed: int, max_epochs: int | None, folder: Path) -> DictConfig:
+def experiment_config(experiment: str, seed: int, max_epochs: int | None, folder: Path) -> DictConfig:
     overrides = [f"experiment={experiment}", f"seed={seed}", *QUIET]
     if max_epochs is not None:
         overrides.append(f"trainer.max_epochs={max_epochs}")
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(folder)
-        cfg.paths.data_dir = str(folder / "data")
-        cfg.paths.log_dir = str(folder / "logs")
-        cfg.paths.output_dir = str(folder / experiment / f"seed_{seed}")
-    return cfg
+    return compose_config(overrides, folder, run=f"{experiment}/seed_{seed}")
 
 
 def run_once(experiment: str, seed: int, max_epochs: int | None, folder: Path) -> Run:
     """Train and test one seed; Lightning's console output goes to the run folder's stdout.txt."""
-    cfg = compose_config(experiment, seed, max_epochs, folder)
+    cfg = experiment_config(experiment, seed, max_epochs, folder)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -88,15 +69,6 @@ def run_once(experiment: str, seed: int, max_epochs: int | None, folder: Path) -
     seconds = time.perf_counter() - start
     metrics = json.loads((output_dir / "metrics.json").read_text())
     return Run(seed, float(metrics["test/acc"]), seconds)
-
-
-def table(rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-
-    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
 
 
 def results_table(results: dict[str, list[Run]]) -> str:
@@ -142,11 +114,7 @@ def main() -> None:
         parser.error(f"--seeds: expected comma-separated integers, got '{args.seeds}'")
 
     torch.set_num_threads(args.threads)
-    importlib.import_module("lightning.pytorch")  # its import sets its loggers to INFO; quiet them after it
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    quiet_lightning()
 
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load:.1f}", flush=True)

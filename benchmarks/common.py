@@ -1,0 +1,72 @@
+"""What every benchmark script needs: configs composed as train.py composes them, quiet runs, plain-text tables.
+
+The scripts run as `python benchmarks/<name>.py`, so this folder is on the import path and `import common` works.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+# progress bars, the model summary and the config printout change nothing that is measured
+QUIET = [
+    "extras.print_config=false",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def compose_config(overrides: Sequence[str], folder: Path, run: str = "run") -> DictConfig:
+    """The train config for `overrides`, with data, logs and the run folder (`folder/run`) under `folder`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(folder)
+        cfg.paths.data_dir = str(folder / "data")
+        cfg.paths.log_dir = str(folder / "logs")
+        cfg.paths.output_dir = str(folder / run)
+    return cfg
+
+
+def quiet_lightning() -> None:
+    """Lightning's INFO lines and known harmless warnings would bury the table."""
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO; quiet them after it)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (
+        ".*does not have many workers.*",
+        ".*GPU available but not used.*",
+        ".*LeafSpec.*is deprecated.*",
+        ".*smaller than the logging interval.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+    """`mean ± sample std` (the std is left out for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> str:
+    """A header row, a rule, then the rows; columns in `right` are right-aligned (numbers)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = (cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
