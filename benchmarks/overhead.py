@@ -43,6 +43,7 @@ LEAN = [
     "callbacks.progress_bar=null",
     "trainer.enable_progress_bar=false",
     "callbacks.model_checkpoint=null",
+    "callbacks.last_checkpoint=null",
     "+trainer.enable_checkpointing=false",
 ]
 

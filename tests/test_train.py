@@ -93,6 +93,25 @@ def test_resume_equals_the_uninterrupted_run(train_config) -> None:
     assert best["global_step"] == 20 and best["epoch"] == 3
 
 
+def test_last_checkpoint_is_the_newest_state_even_when_the_metric_stalls(train_config) -> None:
+    """With lr=0 val/acc never improves after epoch 0, so only epoch 0 is a "best"; last.ckpt must still be epoch 2."""
+    cfg = train_config(
+        "model=mlp",
+        "model.net.norm=none",
+        "optimizer.lr=0",
+        "scheduler=none",
+        "trainer.limit_train_batches=2",
+        "trainer.max_epochs=3",
+        "test=false",
+        "logger=none",
+    )
+    train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert [p.name for p in checkpoints.glob("epoch_*.ckpt")] == ["epoch_000.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] == 6
+
+
 def test_evaluate_reproduces_the_test_metrics_logged_by_training(train_config, tmp_path: Path) -> None:
     cfg = train_config(*FAST)
     train(cfg)
