@@ -1,0 +1,458 @@
+"""GANs: network shapes and init, the critics' constraints (gradient penalty, spectral norm, clipping), scores that
+separate real digits from noise, losses that move, sample grids, exact resume, evaluate, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import open_dict
+
+from tests.conftest import compose_config, run_script
+from zoo.data.gan import MNIST5kGANDataModule, TorchvisionGANDataModule
+from zoo.errors import UserError
+from zoo.metrics.generative import (
+    class_coverage,
+    frechet_distance,
+    generative_scores,
+    inception_score,
+    kl_to_uniform,
+)
+from zoo.nn.gan import DCGANDiscriminator, DCGANGenerator, start_size
+from zoo.run import build_model, evaluate, train
+from zoo.tasks.gan import GANTask, TrainingDiverged, gradient_penalty, load_or_train_scorer
+
+MODELS = ("dcgan", "wgan", "wgan_gp", "sngan")
+# small networks and a briefly trained scorer, so that a run takes seconds on one CPU core
+TINY = [
+    "data=mnist5k_gan",
+    "scheduler=none",
+    "model.generator.base_channels=8",
+    "model.generator.latent_dim=16",
+    "model.discriminator.base_channels=8",
+    "model.scorer.channels=[8,16]",
+    "model.scorer.hidden=32",
+    "model.scorer.max_steps=5",
+    "data.eval_batch_size=200",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.max_epochs=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.accelerator=cpu",
+]
+
+
+def epoch_rows(cfg) -> list[dict[str, str]]:
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[float]:
+    return [float(r[name]) for r in rows if r.get(name)]
+
+
+def last_ckpt(cfg) -> dict:
+    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def real_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    data = MNIST5kGANDataModule(input_shape=[1, 28, 28], num_classes=10)
+    data.setup("fit")
+    return (*data.splits["train"], *data.splits["test"])
+
+
+def test_gan_data_is_in_minus_one_to_one(tmp_path: Path, real_digits) -> None:
+    from tests.test_vision_data import make_mnist
+
+    x_train = real_digits[0]
+    assert x_train.min() == -1.0 and x_train.max() == 1.0 and x_train.shape[1:] == (1, 28, 28)
+    written = make_mnist(tmp_path)
+    data = TorchvisionGANDataModule("mnist", input_shape=[1, 28, 28], num_classes=10, data_dir=str(tmp_path))
+    x, _, x_test, _ = data.load()
+    assert x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(torch.from_numpy(x_test[:, 0]), torch.from_numpy(written["x_test"] / 127.5 - 1).float())
+
+
+# ---- networks ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "start"), [((1, 28, 28), (7, 2)), ((3, 32, 32), (4, 3)), ((1, 8, 8), (4, 1))])
+def test_generator_and_discriminator_fit_the_image_size(shape: tuple[int, ...], start: tuple[int, int]) -> None:
+    assert start_size(shape[1]) == start
+    generator, discriminator = DCGANGenerator(shape, latent_dim=10, base_channels=8), DCGANDiscriminator(shape, 8)
+    images = generator(torch.randn(5, 10))
+    assert images.shape == (5, *shape) and images.abs().max() <= 1
+    assert discriminator(images).shape == (5,)
+
+
+@pytest.mark.parametrize("size", [30, 12 * 3, 7])
+def test_unsupported_image_size_is_one_line(size: int) -> None:
+    with pytest.raises(UserError, match=r"^model.image_shape: image size \d+ is not supported .*allowed: ") as error:
+        DCGANGenerator((1, size, size))
+    assert "\n" not in str(error.value)
+
+
+def test_dcgan_init_draws_weights_from_n_0_002() -> None:
+    generator = DCGANGenerator((3, 64, 64), base_channels=64)
+    convs = [m.weight.detach().flatten() for m in generator.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    weights = torch.cat(convs)
+    scales = torch.cat([m.weight.detach() for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    assert weights.mean().abs() < 1e-3 and weights.std() == pytest.approx(0.02, rel=0.02)
+    assert scales.mean() == pytest.approx(1.0, abs=0.01) and scales.std() == pytest.approx(0.02, rel=0.2)
+
+
+def test_gradient_penalty_is_zero_for_a_unit_norm_linear_critic_and_fp32_under_autocast() -> None:
+    torch.manual_seed(0)
+    real, fake = torch.randn(16, 1, 4, 4), torch.randn(16, 1, 4, 4)
+    linear = torch.nn.Linear(16, 1)
+    critic = torch.nn.Sequential(torch.nn.Flatten(), linear)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(1, 16)).div_(linear.weight.norm())
+    assert gradient_penalty(critic, real, fake).item() == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        linear.weight.mul_(3.0)  # gradient norm 3 everywhere: penalty (3 - 1)^2
+    assert gradient_penalty(critic, real, fake).item() == pytest.approx(4.0, rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        penalty = gradient_penalty(critic, real, fake)
+    assert penalty.dtype == torch.float32 and penalty.item() == pytest.approx(4.0, rel=1e-5)
+    penalty.backward()
+    assert linear.weight.grad is not None and torch.isfinite(linear.weight.grad).all()
+
+
+def test_spectral_norm_bounds_the_largest_singular_value_by_one() -> None:
+    torch.manual_seed(0)
+    critic = DCGANDiscriminator((1, 28, 28), base_channels=16, norm="none", spectral_norm=True)
+    for _ in range(20):  # power iteration runs in training-mode forwards
+        critic(torch.randn(8, 1, 28, 28))
+    critic.eval()
+    convs = [m for m in critic.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and all(hasattr(m, "parametrizations") for m in convs)
+    for conv in convs:
+        assert torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2).item() == pytest.approx(1.0, abs=0.02)
+    plain = DCGANDiscriminator((1, 28, 28), base_channels=16, norm="none")
+    top = [torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item() for m in plain.modules() if hasattr(m, "weight")]
+    assert max(top) > 1.05 or min(top) < 0.95  # without it the norms are whatever the init gives
+
+
+# ---- scores ------------------------------------------------------------------------------------------------------
+
+
+def test_score_functions_on_known_cases() -> None:
+    torch.manual_seed(0)
+    a = torch.randn(4000, 3, dtype=torch.float64)
+    a = a - a.mean(0)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = a + torch.tensor([3.0, 0.0, 4.0])
+    assert frechet_distance(a, shifted) == pytest.approx(25.0, rel=1e-6)
+    scaled = a * 2  # Tr(S + 4S - 2 * 2S) = Tr(S) ~ 3
+    assert frechet_distance(a, scaled) == pytest.approx(float(torch.cov(a.T).trace()), rel=1e-9)
+    one_hot = torch.eye(10).repeat(5, 1)
+    assert inception_score(one_hot) == pytest.approx(10.0, rel=1e-6)
+    assert kl_to_uniform(one_hot) == pytest.approx(0.0, abs=1e-9) and class_coverage(one_hot) == 10
+    collapsed = torch.eye(10)[[3] * 50]
+    assert inception_score(collapsed) == pytest.approx(1.0, rel=1e-6)
+    assert kl_to_uniform(collapsed) == pytest.approx(math.log(10)) and class_coverage(collapsed) == 1
+
+
+def test_scores_of_real_digits_beat_scores_of_noise(tmp_path: Path, real_digits) -> None:
+    data = MNIST5kGANDataModule(input_shape=[1, 28, 28], num_classes=10)
+    spec = {"ckpt_path": str(tmp_path / "scorer.pt"), "epochs": 1, "channels": [16, 32], "hidden": 64}
+    scorer = load_or_train_scorer(spec, data, torch.device("cpu"), cache=True)
+    assert scorer.accuracy > 0.85 and (tmp_path / "scorer.pt").is_file()
+    _, _, x_test, _ = real_digits
+    real_a, real_b = x_test[0::2], x_test[1::2]
+    noise = torch.rand_like(real_b) * 2 - 1
+    feats_a, _ = scorer(real_a)
+    real = generative_scores(feats_a, *scorer(real_b))
+    fake = generative_scores(feats_a, *scorer(noise))
+    assert real["fid"] < fake["fid"] / 10, (real, fake)
+    assert real["coverage"] == 10 and real["kl_uniform"] < 0.05 < fake["kl_uniform"]
+    assert real["inception_score"] > fake["inception_score"] + 1
+    assert real["confidence"] > fake["confidence"]
+    # a second call loads the cache, which refuses data of another shape
+    assert load_or_train_scorer(spec, data, torch.device("cpu"), cache=True).accuracy == scorer.accuracy
+    other = MNIST5kGANDataModule(input_shape=[1, 28, 28], num_classes=10, test_fraction=0.5)
+    with pytest.raises(UserError, match="^model.scorer.ckpt_path: the classifier at .* was trained on"):
+        load_or_train_scorer(spec, other, torch.device("cpu"), cache=True)
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_dev_run_of_every_gan(train_config, model: str) -> None:
+    cfg = train_config(f"model={model}", *TINY, "debug=fdr")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert {"train/loss_d", "test/fid", "test/inception_score", "test/coverage", "test/kl_uniform"} <= set(metrics)
+    assert not (Path(cfg.paths.data_dir) / "scorers").exists(), "a fast dev run must not cache a half-trained scorer"
+
+
+def test_discriminator_learns_and_generator_loss_falls_against_a_fixed_discriminator(train_config) -> None:
+    longer = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=10", "test=false"]
+    cfg = train_config("model=dcgan", *TINY, *longer, folder="both")
+    train(cfg)
+    losses_d = column(epoch_rows(cfg), "train/loss_d")
+    assert losses_d[0] > losses_d[-1] and losses_d[-1] < math.log(4) - 0.2, losses_d  # ln 4: D learned nothing
+    frozen = train_config("model=dcgan", *TINY, *longer, "model.optimizer_d.lr=0", folder="g")
+    train(frozen)
+    losses_g = column(epoch_rows(frozen), "train/loss_g")
+    assert losses_g[0] > losses_g[1] > losses_g[2], losses_g
+
+
+def test_wgan_gp_critic_separates_real_from_fake_and_logs_the_penalty(train_config) -> None:
+    every = "callbacks.model_checkpoint.save_top_k=-1"  # last.ckpt follows the saved checkpoints
+    cfg = train_config(
+        "model=wgan_gp", *TINY, every, "logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=10"
+    )
+    train(cfg)
+    rows = epoch_rows(cfg)
+    distance, penalty = column(rows, "train/wasserstein"), column(rows, "train/gp")
+    assert 0 < distance[0] < distance[1] < distance[2], distance  # the critic's estimate grows as it learns
+    assert 0 < penalty[-1] < penalty[0] <= 1.0, penalty  # a near-constant critic starts at (0 - 1)^2
+    assert last_ckpt(cfg)["gan_steps"] == {"d_steps": 30, "g_steps": 6}  # n_critic = 5
+
+
+def test_weight_clipping_keeps_the_critic_within_c(train_config) -> None:
+    every = "callbacks.model_checkpoint.save_top_k=-1"
+    cfg = train_config("model=wgan", *TINY, "model.optimizer_d.lr=0.05", every, "test=false")
+    train(cfg)
+    weights = {k: v for k, v in last_ckpt(cfg)["state_dict"].items() if k.startswith("discriminator.")}
+    trained = [v for k, v in weights.items() if "running" not in k and "num_batches" not in k]
+    assert max(v.abs().max().item() for v in trained) <= 0.01 + 1e-7
+    assert max(v.abs().max().item() for v in trained) == pytest.approx(0.01)  # lr 0.05 pushes weights to the bound
+
+
+def test_fixed_noise_grid_is_logged_every_epoch(train_config) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train_config("model=sngan", *TINY, "test=false")
+    train(cfg)
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("samples/fixed_noise")
+    assert len(images) == 2
+    assert (images[0].width, images[0].height) == (8 * 28 + 9 * 2, 8 * 28 + 9 * 2)
+    assert images[0].encoded_image_string != images[1].encoded_image_string
+    assert {"train/loss_d", "train/loss_g", "val/fid"} <= set(events.Tags()["scalars"])
+
+
+def test_accumulation_and_n_critic_count_optimizer_steps(train_config) -> None:
+    cfg = train_config(
+        "model=wgan_gp",
+        *TINY,
+        "model.accumulate_grad_batches=2",
+        "trainer.limit_train_batches=10",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "test=false",
+    )
+    train(cfg)
+    assert last_ckpt(cfg)["gan_steps"] == {"d_steps": 10, "g_steps": 2}
+
+
+@pytest.mark.parametrize("model", ["dcgan", "wgan_gp"])
+def test_resume_equals_the_uninterrupted_run(train_config, model: str) -> None:
+    settings = [
+        f"model={model}",
+        *TINY,
+        "trainer.limit_train_batches=3",
+        "trainer.max_epochs=4",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "test=false",
+    ]
+    full = train_config(*settings, folder="full")
+    train(full)
+    checkpoints = Path(full.paths.output_dir) / "checkpoints"
+    resumed = train_config(*settings, f"ckpt_path={checkpoints / 'epoch_001.ckpt'}", folder="resumed")
+    train(resumed)
+    a, b = last_ckpt(full), last_ckpt(resumed)
+    halfway = torch.load(checkpoints / "epoch_001.ckpt", map_location="cpu", weights_only=False)
+    assert not torch.equal(halfway["state_dict"]["generator.net.0.weight"], a["state_dict"]["generator.net.0.weight"])
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["gan_steps"] == b["gan_steps"] and a["global_step"] == b["global_step"]
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"]):
+        for state_a, state_b in zip(opt_a["state"].values(), opt_b["state"].values()):
+            for name in state_a:
+                assert torch.equal(torch.as_tensor(state_a[name]), torch.as_tensor(state_b[name])), name
+
+
+def test_evaluate_reproduces_the_test_scores_of_training(train_config, tmp_path: Path) -> None:
+    cfg = train_config("model=dcgan", *TINY, "trainer.limit_test_batches=null")  # evaluate scores every test batch
+    train(cfg)
+    logged = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    ckpt = next((Path(cfg.paths.output_dir) / "checkpoints").glob("epoch_*.ckpt"))
+    eval_cfg = compose_config("eval", [f"ckpt_path={ckpt}", "extras.print_config=false"], tmp_path)
+    eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    scored = evaluate(eval_cfg)
+    for name in ("test/fid", "test/inception_score", "test/coverage", "test/kl_uniform", "test/fid_real_floor"):
+        assert scored[name] == pytest.approx(logged[name], rel=1e-5), name
+
+
+def test_evaluate_sample_mode_writes_the_fixed_noise_grid(train_config, tmp_path: Path) -> None:
+    from PIL import Image
+
+    cfg = train_config("model=dcgan", *TINY, "trainer.max_epochs=1", "test=false")
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    eval_cfg = compose_config("eval", [f"ckpt_path={ckpt}", "mode=sample", "extras.print_config=false"], tmp_path)
+    eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    evaluate(eval_cfg)
+    image = Image.open(tmp_path / "eval" / "samples.png")
+    assert image.size == (8 * 28 + 9 * 2, 8 * 28 + 9 * 2)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_wgan_gp_on_cpu(train_config, precision: str) -> None:
+    cfg = train_config("model=wgan_gp", *TINY, f"trainer.precision={precision}", "logger=csv", "test=false")
+    train(cfg)
+    rows = epoch_rows(cfg)
+    assert all(math.isfinite(v) for v in column(rows, "train/loss_d") + column(rows, "train/gp"))
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(train_config) -> None:
+    cfg = train_config("model=dcgan", *TINY, "trainer.max_epochs=3", "test=false")
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]  # no logger here
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    forward, calls = model.discriminator.forward, []
+
+    def poisoned(x: torch.Tensor) -> torch.Tensor:  # finite for the first epoch, NaN in the second
+        calls.append(1)
+        out = forward(x)
+        return out * float("nan") if len(calls) > 4 * 3 else out
+
+    model.discriminator.forward = poisoned
+    with pytest.raises(TrainingDiverged) as error:
+        trainer.fit(model, datamodule=datamodule)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("training diverged: loss_d is nan at epoch 1")
+    last = Path(message.split("the last good checkpoint is ")[1].split(";")[0])
+    assert last.parent == Path(cfg.paths.output_dir) / "checkpoints"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 0 and all(
+        torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point()
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_critic=0", "model.n_critic: must be an integer >= 1"),
+        ("model.loss=minimax", "model.loss: unknown 'minimax'; allowed: bce, wasserstein, hinge, lsgan"),
+        ("model.discriminator.norm=group", "norm: unknown 'group'; allowed: batch, instance, layer, none"),
+        ("model.scorer.backend=inception", "model.scorer.backend: unknown 'inception'; allowed: domain, torchmetrics"),
+    ],
+)
+def test_bad_model_settings_are_one_line_errors(train_config, override: str, message: str) -> None:
+    cfg = train_config("model=dcgan", *TINY, override)
+    with pytest.raises(Exception) as error:
+        build_model(cfg)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.gradient_clip_val=1.0", "model.gradient_clip_val"),
+        ("trainer.accumulate_grad_batches=2", "model.accumulate"),
+    ],
+)
+def test_trainer_settings_lightning_cannot_honour_point_to_the_model_keys(
+    train_config, override: str, key: str
+) -> None:
+    cfg = train_config("model=dcgan", *TINY, override, "debug=fdr")
+    with pytest.raises(UserError, match=f"^{override.split('=')[0]}: Lightning cannot .* set {key}"):
+        train(cfg)
+
+
+def test_torchmetrics_scores_without_local_weights_is_one_line(train_config) -> None:
+    cfg = train_config("model=dcgan", *TINY, "model.scorer.backend=torchmetrics", "debug=fdr")
+    with pytest.raises(UserError, match="^model.scorer.backend: torchmetrics needs local Inception weights: "):
+        train(cfg)
+
+
+def test_train_py_runs_a_gan_and_reports_bad_input_in_one_line(tmp_path: Path) -> None:
+    done = run_script("train.py", "experiment=dcgan_mnist", "debug=fdr", *TINY[1:8], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test/fid" in done.stdout
+    bad = run_script("train.py", "experiment=dcgan_mnist", "debug=fdr", "data.input_shape=[1,30,30]", cwd=tmp_path)
+    assert bad.returncode == 2
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "image size 30 is not supported" in lines[0], bad.stderr[-2000:]
+
+
+def test_gan_task_needs_an_optimizer_per_network() -> None:
+    shape = (1, 8, 8)
+    task = GANTask(DCGANGenerator(shape, latent_dim=4, base_channels=4), DCGANDiscriminator(shape, 4), scorer=None)
+    with pytest.raises(UserError, match="model.optimizer_g / model.optimizer_d: not set"):
+        task.configure_optimizers()
+
+
+def test_model_override_alone_switches_the_monitor(train_config) -> None:
+    cfg = train_config("model=sngan", "data=mnist5k_gan")
+    assert (cfg.monitor, cfg.monitor_mode, cfg.optimized_metric) == ("val/fid", "min", "val/fid_best")
+    with open_dict(cfg):
+        cfg.model.scorer = None
+    model = build_model(cfg)
+    assert model.loss_kind == "hinge" and model.n_critic == 1
+
+
+@pytest.mark.parametrize(("schedule", "interval"), [("warmup_cosine", "step"), ("step", "epoch")])
+def test_a_schedule_from_the_scheduler_group_steps_both_networks(train_config, schedule: str, interval: str) -> None:
+    tiny = [o for o in TINY if not o.startswith("scheduler=")]
+    every = "callbacks.model_checkpoint.save_top_k=-1"
+    cfg = train_config("model=wgan_gp", *tiny, f"scheduler={schedule}", every, "test=false")
+    train(cfg)
+    saved = last_ckpt(cfg)
+    schedulers = saved["lr_schedulers"]
+    assert len(schedulers) == 2
+    steps = [s["last_epoch"] for s in schedulers]  # generator, discriminator
+    # per network step: 8 critic steps and 8 // n_critic generator steps; per epoch: 2 each
+    assert steps == ([1, 8] if interval == "step" else [2, 2]), steps
+    if interval == "step":  # the cosine ends at 0 after the steps the run makes
+        rates = [group["lr"] for opt in saved["optimizer_states"] for group in opt["param_groups"]]
+        assert rates == [pytest.approx(0.0, abs=1e-12)] * 2, rates
+
+
+def test_gradient_clipping_by_hand_bounds_each_sgd_step(train_config) -> None:
+    sgd = ["model.optimizer_d._target_=torch.optim.SGD", "~model.optimizer_d.betas", "model.optimizer_d.lr=1.0"]
+    changes = {}
+    for clip in ("null", "1e-6"):
+        cfg = train_config(
+            "model=dcgan", *TINY, *sgd, f"model.gradient_clip_val={clip}", "callbacks.model_checkpoint.save_top_k=-1",
+            "test=false", folder=f"clip_{clip}",
+        )  # fmt: skip
+        train(cfg)
+        folder = Path(cfg.paths.output_dir) / "checkpoints"
+        first, last = (
+            torch.load(folder / f, weights_only=False)["state_dict"] for f in ("epoch_000.ckpt", "last.ckpt")
+        )
+        keys = [k for k in last if k.startswith("discriminator.") and k.endswith(("weight", "bias"))]
+        changes[clip] = torch.cat([(last[k] - first[k]).flatten() for k in keys]).norm().item()
+    assert changes["1e-6"] <= 4 * 1e-6 * 1.001 < 1e-3 < changes["null"], changes  # 4 steps of norm <= lr * clip
+
+
+@pytest.mark.slow
+def test_dcgan_mnist_covers_every_class_within_its_fid_bound(train_config) -> None:
+    cfg = train_config("experiment=dcgan_mnist", "logger=none")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["test/coverage"] == 10, metrics
+    assert metrics["test/fid"] <= cfg.expected.max, metrics
+    assert metrics["test/fid"] > metrics["test/fid_real_floor"]  # the floor is what real samples score

@@ -1,0 +1,180 @@
+"""Generator and discriminator networks of the DCGAN family, built from blocks that other image GANs reuse.
+
+`UpBlock` / `DownBlock` (a stride-2 transposed or plain 4x4 convolution, a normalization, an activation),
+`make_norm`, `spectral` and `dcgan_init` are the shared pieces: progressive and image-to-image GANs put the
+same blocks together in other orders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from zoo.errors import UserError
+
+NORMS = ("batch", "instance", "layer", "none")
+START_SIZES = (4, 7)
+
+
+def make_norm(name: str, channels: int) -> nn.Module:
+    """Batch norm (DCGAN), instance norm (image translation), layer norm (a WGAN-GP critic may use it), none."""
+    if name == "batch":
+        return nn.BatchNorm2d(channels)
+    if name == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if name == "layer":
+        return nn.GroupNorm(1, channels)
+    if name == "none":
+        return nn.Identity()
+    raise UserError(f"norm: unknown '{name}'; allowed: {', '.join(NORMS)}")
+
+
+def spectral(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Spectral normalization of a conv or linear layer (Miyato et al., 2018): its largest singular value is 1."""
+    return spectral_norm(module) if enabled else module
+
+
+class UpBlock(nn.Sequential):
+    """Doubles height and width: 4x4 transposed convolution with stride 2, normalization, activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch", activation: nn.Module | None = None):
+        super().__init__(
+            nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=norm == "none"),
+            make_norm(norm, out_channels),
+            activation if activation is not None else nn.ReLU(inplace=True),
+        )
+
+
+class DownBlock(nn.Sequential):
+    """Halves height and width: 4x4 convolution with stride 2, normalization, LeakyReLU(0.2) as in DCGAN."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm: str = "batch",
+        spectral_norm: bool = False,
+        negative_slope: float = 0.2,
+    ) -> None:
+        conv = nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1, bias=norm == "none")
+        super().__init__(
+            spectral(conv, spectral_norm),
+            make_norm(norm, out_channels),
+            nn.LeakyReLU(negative_slope, inplace=True),
+        )
+
+
+def start_size(image_size: int) -> tuple[int, int]:
+    """The feature-map size the generator starts from and how many times it doubles to reach `image_size`.
+
+    DCGAN starts at 4x4 (32, 64, ... pixels); MNIST's 28x28 starts at 7x7 as in the common MNIST DCGAN.
+    """
+    for start in START_SIZES:
+        doublings = 0
+        size = image_size
+        while size > start and size % 2 == 0:
+            size //= 2
+            doublings += 1
+        if size == start and doublings >= 1:
+            return start, doublings
+    raise UserError(
+        f"model.image_shape: image size {image_size} is not supported by the DCGAN architecture; "
+        "allowed: 4*2^k or 7*2^k pixels with k >= 1 (8, 14, 16, 28, 32, 56, 64, ...)"
+    )
+
+
+def _square_size(image_shape: Sequence[int]) -> int:
+    if len(image_shape) != 3 or image_shape[1] != image_shape[2]:
+        raise UserError(f"model.image_shape: expected square images [C, H, H], got {list(image_shape)}")
+    return int(image_shape[1])
+
+
+def dcgan_init(module: nn.Module, std: float = 0.02) -> None:
+    """Radford et al. (2016): conv and linear weights from N(0, 0.02), norm scales from N(1, 0.02), biases 0."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            weight = layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight
+            nn.init.normal_(weight, 0.0, std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)) and layer.weight is not None:
+            nn.init.normal_(layer.weight, 1.0, std)
+            nn.init.zeros_(layer.bias)
+
+
+class DCGANGenerator(nn.Module):
+    """z -> (C, H, H) in [-1, 1]: project to a start x start map, UpBlocks that halve channels, 4x4 conv to C, tanh.
+
+    Channels at the start map are base_channels * 2^(doublings-1); 28x28 MNIST: 7x7x128 -> 14x14x64 -> 28x28x1.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        latent_dim: int = 100,
+        base_channels: int = 64,
+        norm: str = "batch",
+        init: str = "dcgan",
+    ) -> None:
+        super().__init__()
+        if init not in ("dcgan", "default"):
+            raise UserError(f"model.generator.init: unknown '{init}'; allowed: dcgan, default")
+        if latent_dim < 1 or base_channels < 1:
+            raise UserError("model.generator: latent_dim and base_channels must be >= 1")
+        self.image_shape, self.latent_dim = tuple(image_shape), latent_dim
+        start, doublings = start_size(_square_size(image_shape))
+        channels = base_channels * 2 ** (doublings - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(latent_dim, channels, start, stride=1, padding=0, bias=norm == "none"),
+            make_norm(norm, channels),
+            nn.ReLU(inplace=True),
+        ]
+        for _ in range(doublings - 1):
+            layers.append(UpBlock(channels, channels // 2, norm))
+            channels //= 2
+        layers += [nn.ConvTranspose2d(channels, image_shape[0], 4, stride=2, padding=1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        if init == "dcgan":
+            dcgan_init(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(len(z), self.latent_dim, 1, 1))
+
+
+class DCGANDiscriminator(nn.Module):
+    """(C, H, H) -> one score per image: DownBlocks that double channels (no norm on the first), a start x start conv.
+
+    The score is a logit for the BCE loss and an unbounded critic value for Wasserstein and hinge losses.
+    WGAN-GP's critic takes norm=none (the penalty is per sample, batch norm would couple samples);
+    SNGAN's takes spectral_norm=true on every layer.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        base_channels: int = 64,
+        norm: str = "batch",
+        spectral_norm: bool = False,
+        init: str = "dcgan",
+    ) -> None:
+        super().__init__()
+        if init not in ("dcgan", "default"):
+            raise UserError(f"model.discriminator.init: unknown '{init}'; allowed: dcgan, default")
+        make_norm(norm, 1)  # reject an unknown name before building anything
+        self.image_shape = tuple(image_shape)
+        start, doublings = start_size(_square_size(image_shape))
+        channels = base_channels
+        layers: list[nn.Module] = [DownBlock(image_shape[0], channels, "none", spectral_norm)]
+        for _ in range(doublings - 1):
+            layers.append(DownBlock(channels, channels * 2, norm, spectral_norm))
+            channels *= 2
+        layers.append(spectral(nn.Conv2d(channels, 1, start, stride=1, padding=0), spectral_norm))
+        self.net = nn.Sequential(*layers)
+        if init == "dcgan":
+            dcgan_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten()
