@@ -1,0 +1,165 @@
+"""Character-level text for language models: any UTF-8 file, or a corpus that ships with Python.
+
+The default corpus is the text of `pydoc_data.topics`: the Python language reference and library topics that
+`help()` shows, about 465,000 characters of English prose with code, in every CPython installation (no
+download, no extra package), and fixed for a given Python version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from zoo.data.tensor import TensorBatches
+from zoo.errors import UserError
+
+DEFAULT_CORPUS = "python-docs"
+
+
+def default_corpus() -> str:
+    """The help() topics of the running Python, in a fixed (sorted) order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def read_text(path: str | None) -> str:
+    """The corpus as a string; an empty or undecodable file is the user's error, in one line."""
+    if path in (None, "", DEFAULT_CORPUS):
+        return default_corpus()
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"data.path: no file at '{file}'; allowed: a UTF-8 text file, or null for the Python docs")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"data.path: '{file}' is not UTF-8 text (byte {error.start}); allowed: a UTF-8 text file"
+        ) from error
+    if not text:
+        raise UserError(f"data.path: '{file}' is empty; a language model needs some text")
+    return text
+
+
+class CharVocab:
+    """Characters to ids and back; the characters are stored with the model so sampling needs no corpus."""
+
+    def __init__(self, chars: Sequence[str]) -> None:
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharVocab:
+        return cls(sorted(set(text)))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted({c for c in text if c not in self.index})
+        if unknown:
+            raise UserError(
+                f"prompt: characters not in the model's vocabulary: {', '.join(map(repr, unknown[:10]))}; "
+                f"allowed: {''.join(c for c in self.chars if c.isprintable())!r}"
+            )
+        return [self.index[c] for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"chars": self.chars}, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> CharVocab:
+        return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
+
+
+class CharTextDataModule(L.LightningDataModule):
+    """A text cut into contiguous train / val / test parts (the last val_fraction + test_fraction of it).
+
+    Each part is cut into windows of block_size + 1 characters (input and next-character target); training
+    windows start every `stride` characters (default block_size: no overlap) and are shuffled per epoch.
+    Val and test windows do not overlap, so their mean loss is the per-character loss of the held-out text.
+    The vocabulary is every character of the whole text, so evaluation never meets an unknown one.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        block_size: int = 128,
+        stride: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        shuffle_seed: int = 0,
+        folds: int = 1,
+        fold: int = 0,
+    ) -> None:
+        super().__init__()
+        if folds > 1:
+            raise UserError(
+                f"cv.folds: {folds}; k-fold cross-validation does not apply to a text read in order "
+                "(its held-out parts are its end); allowed: 1"
+            )
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"data.block_size and data.batch_size must be >= 1, got {block_size}, {batch_size}")
+        if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
+            raise ValueError("data.val_fraction and data.test_fraction must be > 0 and sum to less than 1")
+        self.path, self.block_size, self.stride = path, block_size, stride or block_size
+        self.batch_size, self.eval_batch_size, self.shuffle_seed = batch_size, eval_batch_size, shuffle_seed
+        text = read_text(path)
+        self.vocab = CharVocab.from_text(text)
+        ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
+        n_val, n_test = int(len(ids) * val_fraction), int(len(ids) * test_fraction)
+        n_train = len(ids) - n_val - n_test
+        self.text_parts = {
+            "train": ids[:n_train],
+            "val": ids[n_train : n_train + n_val],
+            "test": ids[n_train + n_val :],
+        }
+        for split, part in self.text_parts.items():
+            if len(part) < block_size + 1:
+                raise UserError(
+                    f"data.path: the {split} part of the text has {len(part)} characters, fewer than "
+                    f"data.block_size + 1 = {block_size + 1}; use a longer text or a smaller data.block_size"
+                )
+        self.splits = {
+            split: self._windows(part, self.stride if split == "train" else block_size)
+            for split, part in self.text_parts.items()
+        }
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def _windows(self, ids: torch.Tensor, stride: int) -> torch.Tensor:
+        return ids.unfold(0, self.block_size + 1, stride).contiguous()
+
+    def _batches(self, split: str, train: bool) -> TensorBatches:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        overfit = trainer is not None and trainer.overfit_batches > 0
+        return TensorBatches(
+            (self.splits[split].to(device),),
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train and not overfit,
+            seed=self.shuffle_seed,
+            rank=rank,
+            world_size=world,
+        )
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val", train=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", train=False)
