@@ -134,6 +134,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = build_model(run_cfg)
     check_checkpoint(str(ckpt_path), model)
     mode = cfg.get("mode", "score")
+    if cfg.get("render") and mode == "score":  # `render=true` asks for the family's render mode (DQN: a GIF)
+        mode = "render"
     if mode != "score":
         return _run_eval_mode(cfg, model, ckpt_path, mode)
     trainer = L.Trainer(

@@ -1,0 +1,337 @@
+"""DQN: buffer, n-step returns, TD targets at episode ends, target updates, epsilon, learning, resume, evaluate,
+TensorBoard and GIF output, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from tests.conftest import compose_config, run_script
+from zoo.data.env import EnvDataModule
+from zoo.errors import UserError
+from zoo.nn.qnet import ConvQNetwork, QNetwork
+from zoo.run import evaluate, train
+from zoo.tasks.dqn import (
+    DQNTask,
+    NStepQueue,
+    ReplayBuffer,
+    linear_schedule,
+    td_targets,
+    update_target,
+)
+
+# a tiny CartPole recipe: 2 epochs of 200 steps, small net and buffer, one greedy evaluation episode per epoch
+TINY = [
+    "experiment=dqn_cartpole",
+    "data.steps_per_epoch=200",
+    "data.eval_episodes=1",
+    "data.test_episodes=2",
+    "model.net.hidden_sizes=[16]",
+    "model.buffer_size=500",
+    "model.batch_size=16",
+    "model.learning_starts=50",
+    "model.train_frequency=10",
+    "model.gradient_steps=2",
+    "model.target_update_interval=40",
+    "model.gif=false",
+    "trainer.max_epochs=2",
+    "trainer.num_sanity_val_steps=0",
+]
+torch.set_num_threads(1)
+
+
+def params(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def make_task(**overrides) -> DQNTask:
+    data = EnvDataModule("CartPole-v1", seed=0, **overrides.pop("data", {}))
+    return DQNTask(data, QNetwork(data.observation_shape, data.num_actions, (8,)), **overrides)
+
+
+def test_buffer_wraps_around_and_samples_only_stored_rows() -> None:
+    buffer = ReplayBuffer(5, (2,), torch.float32, torch.device("cpu"))
+    for start in (0, 3, 6):  # 9 rows into 5 places: rows 4..8 remain
+        rows = torch.arange(start, start + 3, dtype=torch.float32)
+        buffer.add(rows[:, None].repeat(1, 2), rows.long(), rows, rows[:, None].repeat(1, 2) + 1, torch.ones(3))
+    assert buffer.size == 5 and buffer.position == 4
+    assert sorted(buffer.rewards.tolist()) == [4, 5, 6, 7, 8]
+    assert buffer.rewards[:4].tolist() == [5, 6, 7, 8]  # the oldest (0..3) were overwritten in ring order
+    observations, actions, rewards, next_observations, _ = buffer.sample(1000, torch.Generator().manual_seed(0))
+    assert set(rewards.tolist()) == {4.0, 5.0, 6.0, 7.0, 8.0}  # uniform over what is stored, nothing else
+    assert torch.equal(observations[:, 0], rewards) and torch.equal(actions, rewards.long())
+    assert torch.equal(next_observations[:, 0], rewards + 1)
+
+
+def test_buffer_state_round_trips() -> None:
+    a = ReplayBuffer(4, (3,), torch.float32, torch.device("cpu"))
+    a.add(torch.randn(6, 3), torch.arange(6), torch.randn(6), torch.randn(6, 3), torch.rand(6))
+    b = ReplayBuffer(4, (3,), torch.float32, torch.device("cpu"))
+    b.load_state_dict(a.state_dict())
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert all(torch.equal(x, y) for x, y in zip(a.sample(8, g1), b.sample(8, g2)))
+    with pytest.raises(UserError, match="model.buffer_size"):
+        ReplayBuffer(8, (3,), torch.float32, torch.device("cpu")).load_state_dict(a.state_dict())
+
+
+def test_one_step_targets_bootstrap_through_truncation_not_termination() -> None:
+    gamma = 0.9
+    o, n = np.zeros(1), np.ones(1)
+    (terminated,) = NStepQueue(1, gamma).push(o, 0, 1.0, n, terminated=True, truncated=False)
+    (truncated,) = NStepQueue(1, gamma).push(o, 0, 1.0, n, terminated=False, truncated=True)
+    (running,) = NStepQueue(1, gamma).push(o, 0, 1.0, n, terminated=False, truncated=False)
+    assert terminated[4] == 0.0 and truncated[4] == running[4] == gamma
+    rewards = torch.tensor([terminated[2], truncated[2], running[2]])
+    discounts = torch.tensor([terminated[4], truncated[4], running[4]])
+    next_q = torch.tensor([[2.0, 5.0]] * 3)  # max Q(s') = 5
+    assert td_targets(rewards, discounts, next_q).tolist() == pytest.approx([1.0, 1.0 + 0.9 * 5, 1.0 + 0.9 * 5])
+
+
+def test_n_step_returns_by_hand() -> None:
+    gamma, queue = 0.5, NStepQueue(3, 0.5)
+    obs = [np.full(1, float(k)) for k in range(6)]
+    assert queue.push(obs[0], 0, 1.0, obs[1], False, False) == []
+    assert queue.push(obs[1], 1, 2.0, obs[2], False, False) == []
+    (first,) = queue.push(obs[2], 0, 4.0, obs[3], False, False)  # r0 + g r1 + g^2 r2, bootstrap from s3 with g^3
+    assert first[1] == 0 and first[2] == pytest.approx(1 + 0.5 * 2 + 0.25 * 4) and first[4] == gamma**3
+    assert first[3][0] == 3.0
+    flushed = queue.push(obs[3], 1, 8.0, obs[4], terminated=True, truncated=False)  # the episode ends: all pending
+    assert [row[2] for row in flushed] == pytest.approx([2 + 0.5 * 4 + 0.25 * 8, 4 + 0.5 * 8, 8.0])
+    assert [row[4] for row in flushed] == [0.0, 0.0, 0.0] and not queue.items
+    queue.push(obs[0], 0, 1.0, obs[1], False, False)
+    (cut,) = queue.push(obs[1], 0, 1.0, obs[2], terminated=False, truncated=True)[1:]  # truncation bootstraps
+    assert cut[4] == gamma and cut[3][0] == 2.0
+
+
+def random_steps(steps: int, **data) -> DQNTask:
+    """A task whose two CartPole copies took `steps` random steps each, everything stored in its buffer."""
+    task = make_task(data={"num_envs": 2, **data}, gamma=0.9, buffer_size=1000, batch_size=4)
+    task.epsilon = lambda step=None: 1.0
+    task.buffer = ReplayBuffer(1000, (4,), torch.float32, torch.device("cpu"))
+    envs = task.data.make_vector_env()
+    task._attach(envs)
+    for _ in range(steps):
+        task._env_step(envs)
+    envs.close()
+    return task
+
+
+def test_truncated_steps_keep_gamma_and_the_final_observation() -> None:
+    """Episodes cut at 5 steps (too short for the pole to fall): each ends in a truncation that bootstraps."""
+    task = random_steps(12, max_episode_steps=5)
+    buffer = task.buffer
+    assert buffer.size == 24 and task.env_steps == 24
+    assert torch.allclose(buffer.discounts[:24], torch.tensor(0.9))  # no termination: every discount is gamma
+    for env in (0, 1):
+        rows = list(range(env, 24, 2))  # the rows of one environment, in order
+        for step, (row, following) in enumerate(zip(rows, rows[1:]), start=1):
+            continues = torch.equal(buffer.next_observations[row], buffer.observations[following])
+            assert continues == (step % 5 != 0), step  # at a truncation s' is the last real state, not the reset
+    assert task._stats["episode_lengths"] == [5, 5, 5, 5]
+
+
+def test_terminated_steps_have_no_bootstrap() -> None:
+    task = random_steps(60)
+    buffer = task.buffer
+    ends = (buffer.discounts[: buffer.size] == 0).nonzero().flatten()
+    assert len(ends) >= 2 and len(ends) == len(task._stats["episode_lengths"])
+    angle, position = buffer.next_observations[ends, 2].abs(), buffer.next_observations[ends, 0].abs()
+    assert torch.all((angle > 0.2095) | (position > 2.4))  # s' is the state where the pole fell or the cart left
+    others = torch.ones(buffer.size, dtype=torch.bool)
+    others[ends] = False
+    assert torch.allclose(buffer.discounts[: buffer.size][others], torch.tensor(0.9))
+
+
+def test_double_dqn_takes_the_online_argmax() -> None:
+    rewards, discounts = torch.zeros(1), torch.ones(1)
+    next_target = torch.tensor([[1.0, 10.0, 3.0]])
+    next_online = torch.tensor([[0.0, -1.0, 7.0]])  # the online net prefers action 2
+    assert td_targets(rewards, discounts, next_target).item() == 10.0
+    assert td_targets(rewards, discounts, next_target, next_online).item() == 3.0
+
+
+def test_soft_update_with_tau_one_is_the_hard_copy() -> None:
+    online, target, soft = QNetwork((4,), 2, (8,)), QNetwork((4,), 2, (8,)), QNetwork((4,), 2, (8,))
+    soft.load_state_dict(target.state_dict())
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    update_target(target, online, tau=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), online.state_dict().values()))
+    update_target(soft, online, tau=0.25)
+    for key, value in soft.state_dict().items():
+        assert torch.allclose(value, 0.75 * before[key] + 0.25 * online.state_dict()[key])
+
+
+def test_epsilon_schedule() -> None:
+    values = [linear_schedule(1.0, 0.05, 100, step) for step in (0, 50, 100, 1000)]
+    assert values == pytest.approx([1.0, 0.525, 0.05, 0.05])
+
+
+def test_dueling_head_separates_value_and_advantage() -> None:
+    net = QNetwork((4,), 3, (16,), dueling=True)
+    x = torch.randn(5, 4)
+    q = net(x)
+    value = net.head.value(net.trunk(x))
+    assert torch.allclose(q.mean(dim=1, keepdim=True), value, atol=1e-6)  # the advantages average to zero
+
+
+def test_conv_q_network_takes_stacked_frames() -> None:
+    net = ConvQNetwork((4, 84, 84), 6, hidden_size=32, dueling=True)
+    frames = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    assert net(frames).shape == (2, 6)
+    with pytest.raises(ValueError, match="model.net"):
+        ConvQNetwork((8,), 4)
+
+
+def test_td_loss_falls_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    task = make_task(loss="mse")
+    batch = (torch.randn(32, 4), torch.randint(0, 2, (32,)), torch.randn(32), torch.randn(32, 4), torch.zeros(32))
+    optimizer = torch.optim.Adam(task.net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(300):
+        loss, _ = task.td_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::50]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.env_id=NoSuchEnv-v0"], "data.env_id: unknown environment 'NoSuchEnv-v0'"),
+        (["data.env_id=Pendulum-v1"], "DQN needs a Discrete one"),
+        (["model.buffer_size=10", "model.batch_size=32"], "model.buffer_size: 10 is smaller than model.batch_size 32"),
+        (["model.loss=l1"], "model.loss: unknown 'l1'; allowed: huber, mse"),
+        (["model.tau=0"], "model.tau"),
+    ],
+)
+def test_bad_input_is_one_clear_line(train_config, overrides: list[str], message: str) -> None:
+    cfg = train_config("experiment=dqn_cartpole", *overrides)
+    with pytest.raises(Exception) as caught:
+        instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None, monitor=cfg.monitor)
+    error = caught.value
+    while not isinstance(error, UserError) and error.__cause__ is not None:  # Hydra wraps what the constructor raised
+        error = error.__cause__
+    assert isinstance(error, UserError) and message in str(error) and "\n" not in str(error)
+
+
+def test_unknown_environment_through_train_py(tmp_path: Path) -> None:
+    result = run_script("train.py", "experiment=dqn_cartpole", "data.env_id=CartPol-v1", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "data.env_id: unknown environment 'CartPol-v1'" in lines[-1]
+
+
+def test_resume_equals_the_uninterrupted_run(train_config) -> None:
+    """Two environments, 3-step returns, soft updates: stop after epoch 2 of 4, resume, end where the full run ended."""
+    settings = [
+        *TINY,
+        "data.num_envs=2",
+        "model.n_step=3",
+        "model.tau=0.5",
+        "model.double=true",
+        "trainer.max_epochs=4",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "test=false",
+        "logger=none",
+    ]
+    full = train_config(*settings, folder="full")
+    train(full)
+    checkpoints = Path(full.paths.output_dir) / "checkpoints"
+    resumed = train_config(*settings, f"ckpt_path={checkpoints / 'epoch_001.ckpt'}", folder="resumed")
+    train(resumed)
+
+    a, b = (params(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt") for c in (full, resumed))
+    halfway = params(checkpoints / "epoch_001.ckpt")
+    assert not all(torch.equal(halfway[k], a[k]) for k in a), "the resumed part must have trained further"
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    end_a, end_b = (
+        torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["dqn"]
+        for c in (full, resumed)
+    )
+    assert end_a["env_steps"] == end_b["env_steps"] == 800 and end_a["updates"] == end_b["updates"]
+    for name in ReplayBuffer.FIELDS:
+        assert torch.equal(end_a["buffer"][name], end_b["buffer"][name]), name
+    assert torch.equal(end_a["generator"], end_b["generator"])
+    assert end_a["env"]["actions"] == end_b["env"]["actions"]
+
+
+def test_train_logs_curves_and_evaluate_reproduces_the_test_return(train_config, tmp_path: Path) -> None:
+    cfg = train_config(*TINY, "model.gif=true", "model.gif_max_frames=20")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    logged = json.loads((run / "metrics.json").read_text())
+    assert {"test/return", "test/return_std", "val/return", "val/return_best", "train/loss"} <= set(logged)
+    assert (run / "episode.gif").read_bytes()[:6] == b"GIF89a"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/episode_return", "train/episode_length", "train/epsilon", "train/loss", "train/q_mean"):
+        assert tag in tags, tag
+    assert {"train/steps_per_second", "val/return", "val/return_std"} <= tags
+    assert "val/episode" in events.Tags()["images"]
+    assert events.Scalars("train/epsilon")[-1].step == 400  # x axis: environment steps
+
+    ckpt = next((run / "checkpoints").glob("epoch_*.ckpt"))
+    eval_cfg = compose_config("eval", [f"ckpt_path={ckpt}", "extras.print_config=false"], tmp_path)
+    eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    scored = evaluate(eval_cfg)
+    assert scored["test/return"] == pytest.approx(logged["test/return"])
+    assert scored["test/return_std"] == pytest.approx(logged["test/return_std"])
+
+    render_cfg = compose_config(
+        "eval", [f"ckpt_path={ckpt}", "extras.print_config=false", "render=true", "episodes=2"], tmp_path
+    )
+    render_cfg.paths.output_dir = str(tmp_path / "render")
+    rendered = evaluate(render_cfg)
+    assert rendered["test/return"] == pytest.approx(logged["test/return"])  # the same seeds, the same episodes
+    assert (tmp_path / "render" / "episode.gif").read_bytes()[:6] == b"GIF89a"
+
+
+def test_a_short_cartpole_run_beats_a_random_policy(train_config) -> None:
+    """A random policy balances CartPole for about 22 steps; 3k steps of DQN must do clearly better."""
+    cfg = train_config(
+        "experiment=dqn_cartpole",
+        "data.steps_per_epoch=1000",
+        "data.eval_episodes=5",
+        "data.test_episodes=10",
+        "model.net.hidden_sizes=[64,64]",
+        "model.learning_starts=500",
+        "model.gradient_steps=32",
+        "model.train_frequency=64",
+        "model.exploration_fraction=0.3",
+        "model.gif=false",
+        "trainer.max_epochs=3",
+        "logger=none",
+    )
+    cfg.optimized_metric = "test/return"
+    assert train(cfg) > 60
+
+
+def test_train_py_and_evaluate_py_as_a_user_runs_them(tmp_path: Path) -> None:
+    result = run_script(
+        "train.py", *TINY, "trainer.max_epochs=1", "model.gif=true", "model.gif_max_frames=5", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = next((tmp_path / "logs" / "dqn_cartpole" / "runs").iterdir())
+    assert (run / "episode.gif").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    scored = run_script("evaluate.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert "test/return" in scored.stdout and "test/return_std" in scored.stdout
+    rendered = run_script(
+        "evaluate.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "mode=render", "episodes=3", cwd=tmp_path
+    )
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert "3 greedy episodes of CartPole-v1" in rendered.stdout and "±" in rendered.stdout
+    assert len(list((tmp_path / "logs" / "eval" / "runs").glob("*/episode.gif"))) == 1
