@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from zoo.data.tensor import TensorBatches
+from zoo.data.tensor import TensorBatches, batches_for
 from zoo.errors import UserError
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -145,18 +145,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
         return src.reshape(len(pairs), self.source_length), tgt.reshape(len(pairs), self.target_length)
 
     def _batches(self, split: str, train: bool) -> TensorBatches:
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        overfit = trainer is not None and trainer.overfit_batches > 0
-        return TensorBatches(
-            tuple(t.to(device) for t in self.splits[split]),
-            self.batch_size if train else self.eval_batch_size,
-            shuffle=train and not overfit,
-            seed=self.shuffle_seed,
-            rank=rank,
-            world_size=world,
-        )
+        size = self.batch_size if train else self.eval_batch_size
+        return batches_for(self.trainer, self.splits[split], size, train, self.shuffle_seed)
 
     def train_dataloader(self) -> TensorBatches:
         return self._batches("train", train=True)

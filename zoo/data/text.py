@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from zoo.data.tensor import TensorBatches
+from zoo.data.tensor import TensorBatches, batches_for
 from zoo.errors import UserError
 
 DEFAULT_CORPUS = "python-docs"
@@ -142,18 +142,8 @@ class CharTextDataModule(L.LightningDataModule):
         return ids.unfold(0, self.block_size + 1, stride).contiguous()
 
     def _batches(self, split: str, train: bool) -> TensorBatches:
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        overfit = trainer is not None and trainer.overfit_batches > 0
-        return TensorBatches(
-            (self.splits[split].to(device),),
-            self.batch_size if train else self.eval_batch_size,
-            shuffle=train and not overfit,
-            seed=self.shuffle_seed,
-            rank=rank,
-            world_size=world,
-        )
+        size = self.batch_size if train else self.eval_batch_size
+        return batches_for(self.trainer, (self.splits[split],), size, train, self.shuffle_seed)
 
     def train_dataloader(self) -> TensorBatches:
         return self._batches("train", train=True)
