@@ -40,7 +40,7 @@ QUIET = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
-# the bounds of the issue this family answers: CartPole within 100k steps, LunarLander solved within 500k
+# the targets of this family: CartPole within 100k steps, LunarLander solved (200) within 500k
 TARGETS = {"dqn_cartpole": 475.0, "dqn_lunarlander": 200.0}
 
 

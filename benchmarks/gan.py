@@ -44,7 +44,7 @@ QUIET = [
     "logger=none",
 ]
 SCORES = ("fid", "inception_score", "coverage", "kl_uniform", "confidence")
-# the figures a model should reach (mean over seeds); the issue sets them for WGAN-GP and SNGAN
+# the figures a model should reach (mean over seeds): the targets set for WGAN-GP and SNGAN
 TARGETS = {"coverage": ">= 10", "kl_uniform": "<= 0.05", "confidence": ">= 0.9"}
 
 
