@@ -27,36 +27,26 @@ import warnings
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from common import QUIET as COMMON_QUIET
+from common import compose_config
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from zoo.metrics.generative import generative_scores
 from zoo.run import train
 from zoo.tasks.gan import load_or_train_scorer
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-QUIET = [
-    "extras.print_config=false",
-    "callbacks.progress_bar=null",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "logger=none",
-]
+QUIET = [*COMMON_QUIET, "logger=none"]
 SCORES = ("fid", "inception_score", "coverage", "kl_uniform", "confidence")
 # the figures a model should reach (mean over seeds): the targets set for WGAN-GP and SNGAN
 TARGETS = {"coverage": ">= 10", "kl_uniform": "<= 0.05", "confidence": ">= 0.9"}
 
 
 def compose_run(model: str, seed: int, root: Path, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={model}_mnist", f"seed={seed}", *QUIET, *overrides])
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(root)
-        cfg.paths.log_dir = str(root / "logs")
-        cfg.paths.output_dir = str(root / f"{model}_seed{seed}")
-        cfg.paths.data_dir = str(root / "data")  # the scoring classifier is cached here once
-    return cfg
+    # the scoring classifier is cached under root/data once, for every model and seed
+    return compose_config(
+        [f"experiment={model}_mnist", f"seed={seed}", *QUIET, *overrides], root, f"{model}_seed{seed}"
+    )
 
 
 def run_one(model: str, seed: int, root: Path, overrides: list[str]) -> dict[str, float]:

@@ -26,20 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
+from common import QUIET as COMMON_QUIET
+from common import compose_config
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 
 from zoo.run import train
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-QUIET = [
-    "extras.print_config=false",
-    "callbacks.progress_bar=null",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "logger=none",
-]
+QUIET = [*COMMON_QUIET, "logger=none"]
 # MNIST-1D paper (Greydanus 2020), test accuracy
 PAPER = {"logistic regression": 0.32, "MLP": 0.68, "CNN": 0.94, "GRU": 0.91}
 SEQ2SEQ = ("seq2seq_reverse", "seq2seq_sort", "seq2seq_addition")
@@ -89,14 +83,9 @@ def run(experiment: str, seed: int, args: argparse.Namespace, folder: Path) -> t
         overrides.append(f"trainer.max_epochs={args.max_epochs}")
     if args.precision:
         overrides.append(f"trainer.precision={args.precision}")
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg: DictConfig = compose("train", overrides=overrides)
-    output_dir = folder / experiment / f"seed_{seed}"
+    cfg = compose_config(overrides, folder, f"{experiment}/seed_{seed}")
+    output_dir = Path(cfg.paths.output_dir)
     with open_dict(cfg):
-        cfg.paths.root_dir = str(folder)
-        cfg.paths.data_dir = str(folder / "data")
-        cfg.paths.log_dir = str(folder / "logs")
-        cfg.paths.output_dir = str(output_dir)
         if experiment == "char_lm":
             cfg.callbacks.throughput = {"_target_": f"{__name__}.Throughput", "path": str(output_dir / "speed.json")}
     output_dir.mkdir(parents=True, exist_ok=True)
