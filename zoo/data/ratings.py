@@ -7,6 +7,7 @@ MovieLens is read from its standard files (100K: `u.data`, `u.item`, `u.user` an
 
 from __future__ import annotations
 
+import abc
 import csv
 import functools
 import io
@@ -302,7 +303,7 @@ def lookup(sorted_ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
     return np.where(sorted_ids[position] == raw, position, -1).astype(np.int64)
 
 
-class RatingsDataModule(L.LightningDataModule):
+class RatingsDataModule(L.LightningDataModule, abc.ABC):
     """Ratings as tensors, split once, batched by indexing.
 
     The data are read and split when the module is built, not in setup(): the recommender's embedding
@@ -382,8 +383,9 @@ class RatingsDataModule(L.LightningDataModule):
             self._split_leave_one_out(source, users, items)
         log.info("%s", self.summary())
 
-    def load(self) -> RatingData:  # each data source defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load(self) -> RatingData:
+        """Defined by each subclass."""
 
     def _side_information(self, source: RatingData) -> None:
         """Titles, a genre multi-hot matrix and user feature vectors, in the dense index order."""

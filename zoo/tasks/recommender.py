@@ -7,6 +7,7 @@ maps, training statistics, titles and features come from it too (see zoo.data.ra
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from collections.abc import Callable
@@ -91,7 +92,7 @@ def make_optimizer(
     )
 
 
-class _Recommender(L.LightningModule):
+class _Recommender(L.LightningModule, abc.ABC):
     """What both tasks share: the id maps and side information of the data, optimizers, projector, top-k."""
 
     def __init__(
@@ -120,8 +121,9 @@ class _Recommender(L.LightningModule):
         self.item_genres = data.item_features
         self.data_name = data.name
 
-    def scores_of_all_items(self, users: torch.Tensor) -> torch.Tensor:  # each task defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def scores_of_all_items(self, users: torch.Tensor) -> torch.Tensor:
+        """Defined by each subclass."""
 
     def configure_optimizers(self) -> Any:
         optimizer = make_optimizer(self.make_optimizer, self.net, bool(getattr(self.net, "sparse", False)))
