@@ -28,6 +28,11 @@ def _hydra_main(config_name: str, work: Callable[[Any], Any]) -> None:
     import hydra
 
     args = sys.argv[1:]
+    if args[:1] == ["--help"]:
+        with _one_line_errors():
+            check_overrides(config_name, args[1:])
+            print(help_text(config_name, args[1:]))
+        return
     with _one_line_errors():
         check_overrides(config_name, args)
 
@@ -37,6 +42,35 @@ def _hydra_main(config_name: str, work: Callable[[Any], Any]) -> None:
             return work(cfg)
 
     main()
+
+
+def help_text(config_name: str, overrides: list[str]) -> str:
+    """What `--help` prints: Hydra's layout (header, groups, config, footer), built from the config folders.
+
+    Hydra lists the options of each group by copying its whole config repository once per group, which takes
+    most of a second with this many configs; the groups here are plain folders of YAML files.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    texts = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "hydra" / "default.yaml").help)  # unresolved
+    name = str(texts["app_name"])
+    groups = sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    listing = [f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    return "\n".join(
+        [
+            str(texts["header"]).replace("${hydra.help.app_name}", name),
+            "== Configuration groups ==",
+            "Compose your configuration from those groups (group=option)\n",
+            *listing,
+            "\n== Config ==",
+            "Override anything in the config (foo.bar=value)\n",
+            OmegaConf.to_yaml(cfg),
+            str(texts["footer"]),
+        ]
+    )
 
 
 @contextlib.contextmanager
