@@ -60,3 +60,39 @@ def run_script(script: str, *args: str, cwd: Path, timeout: int = 300) -> subpro
         text=True,
         timeout=timeout,
     )
+
+
+def checkpoint(cfg: DictConfig, name: str = "last.ckpt") -> dict:
+    """A checkpoint of the run of `cfg`, loaded on the CPU."""
+    import torch
+
+    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / name, map_location="cpu", weights_only=False)
+
+
+def interrupted_and_resumed(
+    train_config: Callable[..., DictConfig], *settings: str, name: str = ""
+) -> tuple[DictConfig, DictConfig]:
+    """Train `settings` to the end, then again from that run's epoch_001.ckpt, as after a crash in epoch 3.
+
+    `settings` must keep every epoch's checkpoint (`callbacks.model_checkpoint.save_top_k=-1`).
+    """
+    from zoo.run import train
+
+    prefix = f"{name}_" if name else ""
+    full = train_config(*settings, folder=f"{prefix}full")
+    train(full)
+    halfway = Path(full.paths.output_dir) / "checkpoints" / "epoch_001.ckpt"
+    resumed = train_config(*settings, f"ckpt_path={halfway}", folder=f"{prefix}resumed")
+    train(resumed)
+    return full, resumed
+
+
+def assert_same_final_weights(full: DictConfig, resumed: DictConfig) -> None:
+    """The resumed run ends with the uninterrupted run's weights, and both trained past the halfway point."""
+    import torch
+
+    a, b = (checkpoint(c)["state_dict"] for c in (full, resumed))
+    halfway = checkpoint(full, "epoch_001.ckpt")["state_dict"]
+    assert not all(torch.equal(halfway[k], a[k]) for k in a), "the resumed part must have trained further"
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import compose_config, run_script
+from tests.conftest import assert_same_final_weights, compose_config, interrupted_and_resumed, run_script
 from zoo.data.env import EnvDataModule
 from zoo.errors import UserError
 from zoo.nn.qnet import ConvQNetwork, QNetwork
@@ -43,10 +43,6 @@ TINY = [
     "trainer.num_sanity_val_steps=0",
 ]
 torch.set_num_threads(1)
-
-
-def params(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
 def make_task(**overrides) -> DQNTask:
@@ -242,17 +238,8 @@ def test_resume_equals_the_uninterrupted_run(train_config) -> None:
         "test=false",
         "logger=none",
     ]
-    full = train_config(*settings, folder="full")
-    train(full)
-    checkpoints = Path(full.paths.output_dir) / "checkpoints"
-    resumed = train_config(*settings, f"ckpt_path={checkpoints / 'epoch_001.ckpt'}", folder="resumed")
-    train(resumed)
-
-    a, b = (params(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt") for c in (full, resumed))
-    halfway = params(checkpoints / "epoch_001.ckpt")
-    assert not all(torch.equal(halfway[k], a[k]) for k in a), "the resumed part must have trained further"
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    full, resumed = interrupted_and_resumed(train_config, *settings)
+    assert_same_final_weights(full, resumed)
     end_a, end_b = (
         torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["dqn"]
         for c in (full, resumed)

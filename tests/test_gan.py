@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import open_dict
 
-from tests.conftest import compose_config, run_script
+from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
 from zoo.data.gan import MNIST5kGANDataModule, TorchvisionGANDataModule
 from zoo.errors import UserError
 from zoo.metrics.generative import (
@@ -273,13 +273,9 @@ def test_resume_equals_the_uninterrupted_run(train_config, model: str) -> None:
         "callbacks.model_checkpoint.save_top_k=-1",
         "test=false",
     ]
-    full = train_config(*settings, folder="full")
-    train(full)
-    checkpoints = Path(full.paths.output_dir) / "checkpoints"
-    resumed = train_config(*settings, f"ckpt_path={checkpoints / 'epoch_001.ckpt'}", folder="resumed")
-    train(resumed)
+    full, resumed = interrupted_and_resumed(train_config, *settings)
     a, b = last_ckpt(full), last_ckpt(resumed)
-    halfway = torch.load(checkpoints / "epoch_001.ckpt", map_location="cpu", weights_only=False)
+    halfway = checkpoint(full, "epoch_001.ckpt")
     assert not torch.equal(halfway["state_dict"]["generator.net.0.weight"], a["state_dict"]["generator.net.0.weight"])
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key

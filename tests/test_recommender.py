@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import compose_config, run_script
+from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
 from zoo.data.ratings import (
     MovieLensDataModule,
     SyntheticRatingsDataModule,
@@ -25,10 +25,6 @@ from zoo.run import evaluate, train
 
 SMALL = ["data.num_users=200", "data.num_items=100", "data.num_ratings=8000"]
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama")
-
-
-def params(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
 def metrics_of(cfg) -> dict[str, float]:
@@ -363,18 +359,9 @@ def test_sparse_gradients_refuse_an_optimizer_that_cannot_take_them(train_config
 def test_resume_equals_the_uninterrupted_run(train_config) -> None:
     settings = [*SMALL, "trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1", "test=false", "logger=none"]
     for experiment in ("mf_synthetic", "mf_implicit_synthetic"):  # the implicit one draws negatives at random
-        full = train_config(f"experiment={experiment}", *settings, folder=f"{experiment}_full")
-        train(full)
-        checkpoints = Path(full.paths.output_dir) / "checkpoints"
-        resumed = train_config(
-            f"experiment={experiment}",
-            *settings,
-            f"ckpt_path={checkpoints / 'epoch_001.ckpt'}",
-            folder=f"{experiment}_resumed",
-        )
-        train(resumed)
-        a, b = (params(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt") for c in (full, resumed))
-        halfway = params(checkpoints / "epoch_001.ckpt")
+        full, resumed = interrupted_and_resumed(train_config, f"experiment={experiment}", *settings, name=experiment)
+        a, b = (checkpoint(c)["state_dict"] for c in (full, resumed))
+        halfway = checkpoint(full, "epoch_001.ckpt")["state_dict"]
         assert not all(torch.equal(halfway[k], a[k]) for k in a), experiment
         for key in a:
             assert torch.equal(a[key], b[key]), (experiment, key)

@@ -7,15 +7,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import compose_config
+from tests.conftest import assert_same_final_weights, checkpoint, compose_config, interrupted_and_resumed
 from zoo.run import evaluate, train
 from zoo.tasks.classification import ClassificationTask
 
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
-
-
-def params(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
 @pytest.mark.parametrize(
@@ -78,18 +74,9 @@ def test_resume_equals_the_uninterrupted_run(train_config) -> None:
         "callbacks.model_checkpoint.save_top_k=-1",
         "test=false",
     ]
-    full = train_config(*settings, folder="full")
-    train(full)
-    checkpoints = Path(full.paths.output_dir) / "checkpoints"
-    resumed = train_config(*settings, f"ckpt_path={checkpoints / 'epoch_001.ckpt'}", folder="resumed")
-    train(resumed)
-
-    a, b = (params(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt") for c in (full, resumed))
-    halfway = params(checkpoints / "epoch_001.ckpt")
-    assert not all(torch.equal(halfway[k], a[k]) for k in a), "the resumed part must have trained further"
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    best = torch.load(Path(resumed.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    full, resumed = interrupted_and_resumed(train_config, *settings)
+    assert_same_final_weights(full, resumed)
+    best = checkpoint(resumed)
     assert best["global_step"] == 20 and best["epoch"] == 3
 
 

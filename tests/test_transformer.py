@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.conftest import compose_config, run_script
+from tests.conftest import assert_same_final_weights, compose_config, interrupted_and_resumed, run_script
 from zoo.cli import describe
 from zoo.data.sequences import Seq2SeqDataModule
 from zoo.data.text import CharTextDataModule, CharVocab, default_corpus
@@ -42,10 +42,6 @@ TINY_S2S = [
     "model.net.decoder_layers=1",
     "model.beam_size=2",
 ]
-
-
-def params(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
 def metrics_of(cfg) -> dict[str, float]:
@@ -320,16 +316,8 @@ def test_resume_equals_the_uninterrupted_run(train_config, corpus: Path, family:
         "callbacks.model_checkpoint.save_top_k=-1",
         "test=false",
     ]
-    full = train_config(*settings, folder="full")
-    train(full)
-    checkpoints = Path(full.paths.output_dir) / "checkpoints"
-    resumed = train_config(*settings, f"ckpt_path={checkpoints / 'epoch_001.ckpt'}", folder="resumed")
-    train(resumed)
-    a, b = (params(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt") for c in (full, resumed))
-    halfway = params(checkpoints / "epoch_001.ckpt")
-    assert not all(torch.equal(halfway[k], a[k]) for k in a), "the resumed part must have trained further"
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    full, resumed = interrupted_and_resumed(train_config, *settings)
+    assert_same_final_weights(full, resumed)
 
 
 @pytest.mark.parametrize("family", ["lm", "seq2seq"])
