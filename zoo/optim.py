@@ -70,3 +70,20 @@ def lr_scheduler_config(
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config["monitor"] = monitor
     return config
+
+
+def with_scheduler(task: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """What `configure_optimizers` returns: the optimizer alone, or with the task's scheduler (`make_scheduler`)."""
+    if task.make_scheduler is None:
+        return optimizer
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler_config(task.make_scheduler, optimizer, task.trainer, task.monitor),
+    }
+
+
+def configure_optimizers(task: Any) -> Any:
+    """The optimizer group's optimizer over `task.net` (biases and norms without weight decay), and its schedule."""
+    if task.make_optimizer is None:
+        raise ValueError("no optimizer given: set the `optimizer` config group, e.g. optimizer=adamw")
+    return with_scheduler(task, task.make_optimizer(params=param_groups(task.net)))

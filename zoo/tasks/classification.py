@@ -18,7 +18,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from zoo.optim import lr_scheduler_config, param_groups
+from zoo.optim import configure_optimizers
 from zoo.tasks import figures
 
 MAX_MISCLASSIFIED = 64
@@ -135,12 +135,4 @@ class ClassificationTask(L.LightningModule):
             writer.add_figure("test/misclassified", figures.sample_grid(x, y, preds), self.global_step)
 
     def configure_optimizers(self) -> Any:
-        if self.make_optimizer is None:
-            raise ValueError("no optimizer given: set the `optimizer` config group, e.g. optimizer=adamw")
-        optimizer = self.make_optimizer(params=param_groups(self.net))
-        if self.make_scheduler is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": lr_scheduler_config(self.make_scheduler, optimizer, self.trainer, self.monitor),
-        }
+        return configure_optimizers(self)

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric, MinMetric
 
 from zoo.data.text import CharVocab
 from zoo.errors import UserError
-from zoo.optim import lr_scheduler_config, param_groups
+from zoo.optim import configure_optimizers
 from zoo.tasks import figures
 
 if TYPE_CHECKING:
@@ -173,12 +173,4 @@ class LanguageModelTask(L.LightningModule):
         return {}
 
     def configure_optimizers(self) -> Any:
-        if self.make_optimizer is None:
-            raise ValueError("no optimizer given: set the `optimizer` config group, e.g. optimizer=adamw")
-        optimizer = self.make_optimizer(params=param_groups(self.net))
-        if self.make_scheduler is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": lr_scheduler_config(self.make_scheduler, optimizer, self.trainer, self.monitor),
-        }
+        return configure_optimizers(self)

@@ -22,7 +22,7 @@ from torchmetrics import MaxMetric, MeanAbsoluteError, MeanMetric, MeanSquaredEr
 
 from zoo.errors import UserError
 from zoo.metrics.ranking import exclude_seen, hit_rate, ndcg, target_ranks
-from zoo.optim import lr_scheduler_config
+from zoo.optim import with_scheduler
 from zoo.tasks import figures
 
 if TYPE_CHECKING:
@@ -127,12 +127,7 @@ class _Recommender(L.LightningModule, abc.ABC):
 
     def configure_optimizers(self) -> Any:
         optimizer = make_optimizer(self.make_optimizer, self.net, bool(getattr(self.net, "sparse", False)))
-        if self.make_scheduler is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": lr_scheduler_config(self.make_scheduler, optimizer, self.trainer, self.monitor),
-        }
+        return with_scheduler(self, optimizer)
 
     def write_projector(self) -> None:
         """Item embeddings to TensorBoard's projector, labelled by title (and genres where the data has them)."""
