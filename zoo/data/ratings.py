@@ -15,11 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
-from zoo.data.tensor import TensorBatches, batches_for
+from zoo.data.tensor import InMemoryDataModule
 from zoo.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -303,7 +302,7 @@ def lookup(sorted_ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
     return np.where(sorted_ids[position] == raw, position, -1).astype(np.int64)
 
 
-class RatingsDataModule(L.LightningDataModule, abc.ABC):
+class RatingsDataModule(InMemoryDataModule, abc.ABC):
     """Ratings as tensors, split once, batched by indexing.
 
     The data are read and split when the module is built, not in setup(): the recommender's embedding
@@ -522,19 +521,6 @@ class RatingsDataModule(L.LightningDataModule, abc.ABC):
 
     def item_index(self, raw_ids: np.ndarray) -> np.ndarray:
         return lookup(self.item_ids, raw_ids)
-
-    def _batches(self, split: str, train: bool) -> TensorBatches:
-        size = self.batch_size if train else self.eval_batch_size
-        return batches_for(self.trainer, self.splits[split], size, train, self.shuffle_seed)
-
-    def train_dataloader(self) -> TensorBatches:
-        return self._batches("train", train=True)
-
-    def val_dataloader(self) -> TensorBatches:
-        return self._batches("val", train=False)
-
-    def test_dataloader(self) -> TensorBatches:
-        return self._batches("test", train=False)
 
 
 class SyntheticRatingsDataModule(RatingsDataModule):

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import lightning as L
 import numpy as np
 import torch
 
-from zoo.data.tensor import TensorBatches, batches_for
+from zoo.data.tensor import InMemoryDataModule
 from zoo.errors import UserError
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -54,7 +53,7 @@ def make_example(
     return f"{a}+{b}", total
 
 
-class Seq2SeqDataModule(L.LightningDataModule):
+class Seq2SeqDataModule(InMemoryDataModule):
     """In-memory tensors of one generated task, fixed by `generator_seed`; batches reshuffled per epoch.
 
     min_len / max_len bound the digits of the source (reverse, sort) or of each operand (addition). Since no
@@ -143,16 +142,3 @@ class Seq2SeqDataModule(L.LightningDataModule):
         src = torch.tensor([self.encode(s, self.source_length, False) for s, _ in pairs], dtype=torch.long)
         tgt = torch.tensor([self.encode(t, self.target_length, True) for _, t in pairs], dtype=torch.long)
         return src.reshape(len(pairs), self.source_length), tgt.reshape(len(pairs), self.target_length)
-
-    def _batches(self, split: str, train: bool) -> TensorBatches:
-        size = self.batch_size if train else self.eval_batch_size
-        return batches_for(self.trainer, self.splits[split], size, train, self.shuffle_seed)
-
-    def train_dataloader(self) -> TensorBatches:
-        return self._batches("train", train=True)
-
-    def val_dataloader(self) -> TensorBatches:
-        return self._batches("val", train=False)
-
-    def test_dataloader(self) -> TensorBatches:
-        return self._batches("test", train=False)

@@ -75,28 +75,42 @@ class TensorBatches:
             yield tuple(batch)
 
 
-def batches_for(
-    trainer: L.Trainer | None,
-    tensors: Sequence[torch.Tensor],
-    batch_size: int,
-    train: bool,
-    seed: int,
-    augment: BatchAugment | None = None,
-) -> TensorBatches:
-    """Batches for the trainer that asks: on its device, this process's share under DDP, shuffled only for
-    training, and in a fixed order when it overfits a few batches (`trainer.overfit_batches`)."""
-    device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-    overfit = trainer is not None and trainer.overfit_batches > 0
-    return TensorBatches(
-        [t.to(device) for t in tensors],
-        batch_size,
-        shuffle=train and not overfit,
-        seed=seed,
-        rank=rank,
-        world_size=world,
-        augment=augment,
-    )
+class InMemoryDataModule(L.LightningDataModule):
+    """A datamodule whose splits are tensors in memory (`self.splits[name]`: a tensor or a tuple of them).
+
+    Every loader cuts its batches by indexing, for the trainer that asks: on its device, this process's share
+    under DDP, shuffled (and augmented, where the datamodule has `augment`) only for training, and in a fixed
+    order when it overfits a few batches (`trainer.overfit_batches`). Subclasses fill `splits` in `setup` and
+    set `batch_size`, `eval_batch_size` and `shuffle_seed`.
+    """
+
+    splits: dict[str, Any]
+
+    def _batches(self, split: str, train: bool) -> TensorBatches:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        overfit = trainer is not None and trainer.overfit_batches > 0
+        tensors = self.splits[split]
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tensors
+        return TensorBatches(
+            [t.to(device) for t in tensors],
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train and not overfit,
+            seed=self.shuffle_seed,
+            rank=rank,
+            world_size=world,
+            augment=getattr(self, "augment", None) if train else None,
+        )
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val", train=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", train=False)
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -116,7 +130,7 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
     return [np.sort(rest), *parts]
 
 
-class TensorDataModule(L.LightningDataModule):
+class TensorDataModule(InMemoryDataModule):
     """Base for in-memory classification data: subclasses return arrays, this class splits and batches.
 
     `load()` returns (x, y) for the data pool and, when the dataset has an official test split,
@@ -183,17 +197,3 @@ class TensorDataModule(L.LightningDataModule):
             "test": (x_test, y_test),
         }.items():
             self.splits[name] = (torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(ys, dtype=torch.long))
-
-    def _batches(self, split: str, train: bool) -> TensorBatches:
-        size = self.batch_size if train else self.eval_batch_size
-        augment = self.augment if train else None
-        return batches_for(self.trainer, self.splits[split], size, train, self.shuffle_seed, augment)
-
-    def train_dataloader(self) -> TensorBatches:
-        return self._batches("train", train=True)
-
-    def val_dataloader(self) -> TensorBatches:
-        return self._batches("val", train=False)
-
-    def test_dataloader(self) -> TensorBatches:
-        return self._batches("test", train=False)

@@ -11,10 +11,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from zoo.data.tensor import TensorBatches, batches_for
+from zoo.data.tensor import InMemoryDataModule
 from zoo.errors import UserError
 
 DEFAULT_CORPUS = "python-docs"
@@ -79,7 +78,7 @@ class CharVocab:
         return cls(json.loads(path.read_text(encoding="utf-8"))["chars"])
 
 
-class CharTextDataModule(L.LightningDataModule):
+class CharTextDataModule(InMemoryDataModule):
     """A text cut into contiguous train / val / test parts (the last val_fraction + test_fraction of it).
 
     Each part is cut into windows of block_size + 1 characters (input and next-character target); training
@@ -140,16 +139,3 @@ class CharTextDataModule(L.LightningDataModule):
 
     def _windows(self, ids: torch.Tensor, stride: int) -> torch.Tensor:
         return ids.unfold(0, self.block_size + 1, stride).contiguous()
-
-    def _batches(self, split: str, train: bool) -> TensorBatches:
-        size = self.batch_size if train else self.eval_batch_size
-        return batches_for(self.trainer, (self.splits[split],), size, train, self.shuffle_seed)
-
-    def train_dataloader(self) -> TensorBatches:
-        return self._batches("train", train=True)
-
-    def val_dataloader(self) -> TensorBatches:
-        return self._batches("val", train=False)
-
-    def test_dataloader(self) -> TensorBatches:
-        return self._batches("test", train=False)
