@@ -15,7 +15,7 @@ from tests.conftest import assert_same_final_weights, compose_config, interrupte
 from zoo.data.env import EnvDataModule
 from zoo.errors import UserError
 from zoo.nn.qnet import ConvQNetwork, QNetwork
-from zoo.run import evaluate, train
+from zoo.run import build_model, evaluate, train
 from zoo.tasks.dqn import (
     DQNTask,
     NStepQueue,
@@ -322,3 +322,14 @@ def test_train_py_and_evaluate_py_as_a_user_runs_them(tmp_path: Path) -> None:
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     assert "3 greedy episodes of CartPole-v1" in rendered.stdout and "±" in rendered.stdout
     assert len(list((tmp_path / "logs" / "eval" / "runs").glob("*/episode.gif"))) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_replay_buffer_and_updates_live_on_the_gpu(train_config) -> None:
+    cfg = train_config(*TINY, "trainer=gpu", "logger=none", "callbacks=none")
+    datamodule, model = instantiate(cfg.data), build_model(cfg)
+    instantiate(cfg.trainer, logger=False).fit(model, datamodule=datamodule)
+    assert model.buffer.observations.device.type == "cuda"
+    assert model.env_steps == 400 and model.buffer.size == 400
+    assert all(p.device.type == "cuda" for p in model.target_net.parameters())

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import open_dict
 
 from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
-from zoo.data.gan import MNIST5kGANDataModule, TorchvisionGANDataModule
+from zoo.data.gan import ImageFolderGANDataModule, MNIST5kGANDataModule, TorchvisionGANDataModule
 from zoo.errors import UserError
 from zoo.metrics.generative import (
     class_coverage,
@@ -84,6 +84,54 @@ def test_gan_data_is_in_minus_one_to_one(tmp_path: Path, real_digits) -> None:
     x, _, x_test, _ = data.load()
     assert x.min() >= -1 and x.max() <= 1
     torch.testing.assert_close(torch.from_numpy(x_test[:, 0]), torch.from_numpy(written["x_test"] / 127.5 - 1).float())
+
+
+def write_image_folder(root: Path, per_class: int = 10) -> None:
+    """Two classes of 20x20 images, grayscale and RGB mixed: a dark and a bright class."""
+    from PIL import Image
+
+    for label, level in (("dark", 30), ("bright", 220)):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            mode = "L" if i % 2 else "RGB"
+            pixel = level if mode == "L" else (level, level, level)
+            Image.new(mode, (20, 20), pixel).save(root / label / f"{i}.png")
+
+
+def test_image_folder_gan_data_reads_every_image_into_minus_one_to_one(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "images")
+    data = ImageFolderGANDataModule(
+        root=str(tmp_path / "images"), input_shape=[1, 16, 16], num_classes=2, val_fraction=0.2, test_fraction=0.2
+    )
+    data.setup("fit")
+    splits = {name: data.splits[name] for name in ("train", "val", "test")}
+    assert sum(len(x) for x, _ in splits.values()) == 20
+    assert all(x.shape[1:] == (1, 16, 16) for x, _ in splits.values())
+    x, y = splits["train"]
+    bright = x[y == 0]  # classes numbered in sorted folder order: bright, dark
+    assert bright.min() > 0.6 and x[y == 1].max() < -0.6 and x.min() >= -1 and x.max() <= 1
+
+
+def test_a_gan_trains_on_an_image_folder_and_an_empty_folder_is_one_line(train_config, tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "images")
+    folder = [f"data.root={tmp_path / 'images'}", "data.num_classes=2", "data.input_shape=[1,16,16]"]
+    cfg = train_config("model=dcgan", *TINY, "data=image_folder_gan", *folder, "data.val_fraction=0.2", "debug=fdr")
+    train(cfg)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "b").mkdir()
+    result = run_script(
+        "train.py",
+        "experiment=dcgan_mnist",
+        "data=image_folder_gan",
+        f"data.root={tmp_path / 'empty'}",
+        "data.num_classes=2",
+        "data.input_shape=[1,16,16]",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "data.root: no images" in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 # ---- networks ----------------------------------------------------------------------------------------------------
@@ -317,6 +365,29 @@ def test_mixed_precision_wgan_gp_on_cpu(train_config, precision: str) -> None:
     train(cfg)
     rows = epoch_rows(cfg)
     assert all(math.isfinite(v) for v in column(rows, "train/loss_d") + column(rows, "train/gp"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed"])
+def test_wgan_gp_on_cuda_steps_both_networks_under_each_precision(train_config, precision: str) -> None:
+    """Under 16-mixed the loss scaler must unscale before the hand-made clipping and skip no step of a finite loss."""
+    cfg = train_config(
+        "model=wgan_gp",
+        *TINY,
+        "trainer.accelerator=gpu",
+        f"trainer.precision={precision}",
+        "model.gradient_clip_val=1.0",
+        "logger=csv",
+        "test=false",
+    )
+    train(cfg)
+    rows = epoch_rows(cfg)
+    assert all(math.isfinite(v) for v in column(rows, "train/loss_d") + column(rows, "train/gp"))
+    ckpt = last_ckpt(cfg)
+    assert ckpt["gan_steps"] == {"d_steps": 8, "g_steps": 1}  # 2 epochs x 4 batches, n_critic 5
+    if precision == "16-mixed":
+        assert 0 < ckpt["MixedPrecision"]["scale"] < float("inf")
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(train_config) -> None:
