@@ -12,6 +12,7 @@ loop (CleanRL-style) in the same process, on the same thread count, and the rati
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -109,6 +110,7 @@ def plain_dqn(cfg: DictConfig, total_steps: int) -> float:
     generator = torch.Generator().manual_seed(cfg.seed)
     decay = m.exploration_fraction * total_steps
     obs, _ = env.reset(seed=cfg.seed)
+    pending: collections.deque[tuple[Any, int, float]] = collections.deque()
     started = time.perf_counter()
     for step in range(1, total_steps + 1):
         epsilon = m.epsilon_start + (m.epsilon_end - m.epsilon_start) * min(1.0, step / decay)
@@ -118,10 +120,17 @@ def plain_dqn(cfg: DictConfig, total_steps: int) -> float:
             with torch.no_grad():
                 action = int(q(torch.as_tensor(obs)[None]).argmax(dim=1))
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        obs_buf[position], next_buf[position] = torch.as_tensor(obs), torch.as_tensor(next_obs)
-        act_buf[position], rew_buf[position] = action, float(reward)
-        disc_buf[position] = 0.0 if terminated else m.gamma
-        position, size = (position + 1) % capacity, min(size + 1, capacity)
+        pending.append((obs, action, float(reward)))
+        ended = terminated or truncated
+        # n-step returns: the oldest pending step is stored once n steps follow it, or when the episode ends
+        while pending and (len(pending) == m.n_step or ended):
+            first_obs, first_action, _ = pending[0]
+            obs_buf[position], next_buf[position] = torch.as_tensor(first_obs), torch.as_tensor(next_obs)
+            act_buf[position] = first_action
+            rew_buf[position] = sum(m.gamma**k * r for k, (_, _, r) in enumerate(pending))
+            disc_buf[position] = 0.0 if terminated else m.gamma ** len(pending)
+            position, size = (position + 1) % capacity, min(size + 1, capacity)
+            pending.popleft()
         obs = next_obs
         if terminated or truncated:
             obs, _ = env.reset()
