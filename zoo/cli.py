@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,7 +112,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, InstantiationException):
         lines = [line for line in lines if not line.startswith("full_key:")]
     text = " ".join(lines) or type(error).__name__
-    return f"{key}: {text}" if key and not text.startswith(key.rsplit(".", 1)[-1]) else text
+    names_a_key = re.match(r"[\w.]+: ", text) is not None  # "scheduler: ..." already says where to look
+    return f"{key}: {text}" if key and not names_a_key and not text.startswith(key.rsplit(".", 1)[-1]) else text
 
 
 def check_overrides(config_name: str, args: list[str]) -> None:
