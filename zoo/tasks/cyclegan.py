@@ -29,7 +29,14 @@ from torchmetrics import MeanMetric, MinMetric
 from zoo.errors import UserError
 from zoo.metrics.generative import frechet_distance
 from zoo.tasks import figures
-from zoo.tasks.gan import DomainScorer, TrainingDiverged, discriminator_loss, load_or_train_scorer
+from zoo.tasks.gan import (
+    DomainScorer,
+    TrainingDiverged,
+    discriminator_loss,
+    last_good_checkpoint,
+    load_or_train_scorer,
+    refuse_automatic_only_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,16 +218,7 @@ class CycleGANTask(L.LightningModule):
 
     def configure_callbacks(self) -> list[Any]:
         """Lightning calls this before it checks the trainer, so settings it cannot honour fail here in one line."""
-        if self.trainer.gradient_clip_val:
-            raise UserError(
-                "trainer.gradient_clip_val: Lightning cannot clip under the manual optimization CycleGAN uses; "
-                "set model.gradient_clip_val instead and leave trainer.gradient_clip_val null"
-            )
-        if self.trainer.accumulate_grad_batches != 1:
-            raise UserError(
-                "trainer.accumulate_grad_batches: Lightning cannot accumulate under the manual optimization CycleGAN "
-                "uses; set model.accumulate_grad_batches instead and leave trainer.accumulate_grad_batches at 1"
-            )
+        refuse_automatic_only_settings(self.trainer)
         return []
 
     def configure_optimizers(self) -> Any:
@@ -329,16 +327,10 @@ class CycleGANTask(L.LightningModule):
     def _check_finite(self, name: str, value: torch.Tensor) -> None:
         if bool(torch.isfinite(value)):
             return
-        callback = self.trainer.checkpoint_callback
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
-        written = list(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
-        where = "no checkpoint was written yet"
-        if written:
-            newest = max(written, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"))
-            where = f"the last good checkpoint is {newest}"
         raise TrainingDiverged(
             f"training diverged: {name} is {float(value)} at epoch {self.current_epoch}, step {self.steps}; "
-            f"the weights were not updated with it and {where}; try lower model.optimizer_g.lr / model.optimizer_d.lr"
+            f"the weights were not updated with it and {last_good_checkpoint(self.trainer)}; "
+            "try lower model.optimizer_g.lr / model.optimizer_d.lr"
         )
 
     def on_train_epoch_end(self) -> None:

@@ -79,6 +79,34 @@ class TrainingDiverged(UserError):
     """A loss became NaN or infinite: the run stops before the bad step reaches the weights."""
 
 
+def last_good_checkpoint(trainer: Any) -> str:
+    """The newest checkpoint written so far (last.ckpt on a tie): every one of them predates the divergence."""
+    callback = trainer.checkpoint_callback
+    folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+    written = list(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
+    if not written:
+        return "no checkpoint was written yet"
+    newest = max(written, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"))
+    return f"the last good checkpoint is {newest}"
+
+
+def refuse_automatic_only_settings(
+    trainer: Any,
+    accumulate_hint: str = "set model.accumulate_grad_batches instead and leave trainer.accumulate_grad_batches at 1",
+) -> None:
+    """Lightning clips and accumulates only under automatic optimization; adversarial tasks do both by hand."""
+    if trainer.gradient_clip_val:
+        raise UserError(
+            "trainer.gradient_clip_val: Lightning cannot clip under the manual optimization GANs use; "
+            "set model.gradient_clip_val instead and leave trainer.gradient_clip_val null"
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise UserError(
+            f"trainer.accumulate_grad_batches: Lightning cannot accumulate under the manual optimization GANs use; "
+            f"{accumulate_hint}"
+        )
+
+
 class DomainScorer:
     """A classifier of the real data: penultimate features for the domain FID, class probabilities for the rest.
 
@@ -292,17 +320,7 @@ class GANTask(L.LightningModule):
 
     def configure_callbacks(self) -> list[Any]:
         """Lightning calls this before it checks the trainer, so settings it cannot honour fail here in one line."""
-        trainer = self.trainer
-        if trainer.gradient_clip_val:
-            raise UserError(
-                "trainer.gradient_clip_val: Lightning cannot clip under the manual optimization GANs use; "
-                "set model.gradient_clip_val instead and leave trainer.gradient_clip_val null"
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise UserError(
-                "trainer.accumulate_grad_batches: Lightning cannot accumulate under the manual optimization GANs use; "
-                "set model.accumulate_grad_batches instead and leave trainer.accumulate_grad_batches at 1"
-            )
+        refuse_automatic_only_settings(self.trainer)
         return []
 
     def configure_optimizers(self) -> Any:
@@ -393,19 +411,9 @@ class GANTask(L.LightningModule):
             return
         raise TrainingDiverged(
             f"training diverged: {name} is {float(value)} at epoch {self.current_epoch}, generator step "
-            f"{self.g_steps}; the weights were not updated with it and {self._last_checkpoint()}; "
+            f"{self.g_steps}; the weights were not updated with it and {last_good_checkpoint(self.trainer)}; "
             "try lower model.optimizer_g.lr / model.optimizer_d.lr"
         )
-
-    def _last_checkpoint(self) -> str:
-        """The newest checkpoint written so far (last.ckpt on a tie): every one of them predates the divergence."""
-        callback = self.trainer.checkpoint_callback
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
-        written = list(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
-        if not written:
-            return "no checkpoint was written yet"
-        newest = max(written, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"))
-        return f"the last good checkpoint is {newest}"
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()
