@@ -70,3 +70,28 @@ def table(rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> str:
         return "  ".join(cells).rstrip()
 
     return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
+
+
+def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """A GAN run's scores for real test images (two halves against each other) and for uniform noise.
+
+    They bound what a generator's figures can mean: real vs real is the floor for this many samples, noise the
+    ceiling. The scoring classifier is trained and cached here, before any run starts, so that parallel runs load
+    it instead of racing to train it.
+    """
+    import torch
+    from hydra.utils import instantiate
+
+    from zoo.metrics.generative import generative_scores
+    from zoo.tasks.gan import load_or_train_scorer
+
+    data = instantiate(cfg.data)
+    data.setup("test")
+    scorer = load_or_train_scorer(cfg.model.scorer, data, torch.device("cpu"), cache=True)
+    real = data.splits["test"][0]
+    features, _ = scorer(real[0::2])
+    noise = torch.rand(real[1::2].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return {
+        "real vs real": generative_scores(features, *scorer(real[1::2])),
+        "uniform noise": generative_scores(features, *scorer(noise)),
+    }

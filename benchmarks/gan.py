@@ -32,13 +32,10 @@ from pathlib import Path
 
 import torch
 from common import QUIET as COMMON_QUIET
-from common import compose_config
-from hydra.utils import instantiate
+from common import compose_config, real_and_noise_scores
 from omegaconf import DictConfig
 
-from zoo.metrics.generative import generative_scores
 from zoo.run import train
-from zoo.tasks.gan import load_or_train_scorer
 
 QUIET = [*COMMON_QUIET, "logger=none"]
 SCORES = ("fid", "inception_score", "coverage", "kl_uniform", "confidence")
@@ -106,19 +103,7 @@ def quiet_worker(threads: int | None) -> None:
 
 
 def references(root: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
-    """Real vs real (two halves of the test set) and uniform noise vs real, scored by the same classifier."""
-    cfg = compose_run("dcgan", 0, root, overrides)
-    data = instantiate(cfg.data)
-    data.setup("test")
-    scorer = load_or_train_scorer(cfg.model.scorer, data, torch.device("cpu"), cache=True)
-    real = data.splits["test"][0]
-    features, _ = scorer(real[0::2])
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.rand(real[1::2].shape, generator=generator) * 2 - 1
-    return {
-        "real vs real": generative_scores(features, *scorer(real[1::2])),
-        "uniform noise": generative_scores(features, *scorer(noise)),
-    }
+    return real_and_noise_scores(compose_run("dcgan", 0, root, overrides))
 
 
 def summary(values: list[float]) -> str:

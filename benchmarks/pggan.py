@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common import QUIET as COMMON_QUIET
-from common import compose_config
+from common import compose_config, real_and_noise_scores
 
 QUIET = [*COMMON_QUIET, "logger=none"]
 SCORES = ("fid", "coverage", "kl_uniform", "confidence")
@@ -88,28 +88,7 @@ def score_checkpoint(ckpt: Path, folder: Path) -> dict[str, float]:
 
 
 def references(root: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
-    """Real vs real (two halves of the test set) and uniform noise vs real, scored by the same classifier.
-
-    Trains and caches the classifier before any seed starts, so parallel seeds load it instead of racing to train it.
-    """
-    import torch
-    from hydra.utils import instantiate
-
-    from zoo.metrics.generative import generative_scores
-    from zoo.tasks.gan import load_or_train_scorer
-
-    cfg = compose_run(0, root, overrides)
-    data = instantiate(cfg.data)
-    data.setup("test")
-    scorer = load_or_train_scorer(cfg.model.scorer, data, torch.device("cpu"), cache=True)
-    real = data.splits["test"][0]
-    features, _ = scorer(real[0::2])
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.rand(real[1::2].shape, generator=generator) * 2 - 1
-    return {
-        "real vs real": generative_scores(features, *scorer(real[1::2])),
-        "uniform noise": generative_scores(features, *scorer(noise)),
-    }
+    return real_and_noise_scores(compose_run(0, root, overrides))
 
 
 def phase_names(resolutions: list[int]) -> list[str]:

@@ -31,9 +31,8 @@ from zoo.metrics.generative import frechet_distance
 from zoo.tasks import figures
 from zoo.tasks.gan import (
     DomainScorer,
-    TrainingDiverged,
+    check_finite,
     discriminator_loss,
-    last_good_checkpoint,
     load_or_train_scorer,
     refuse_automatic_only_settings,
 )
@@ -325,13 +324,7 @@ class CycleGANTask(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def _check_finite(self, name: str, value: torch.Tensor) -> None:
-        if bool(torch.isfinite(value)):
-            return
-        raise TrainingDiverged(
-            f"training diverged: {name} is {float(value)} at epoch {self.current_epoch}, step {self.steps}; "
-            f"the weights were not updated with it and {last_good_checkpoint(self.trainer)}; "
-            "try lower model.optimizer_g.lr / model.optimizer_d.lr"
-        )
+        check_finite(name, value, self.trainer, f"epoch {self.current_epoch}, step {self.steps}")
 
     def on_train_epoch_end(self) -> None:
         if (self.current_epoch + 1) % max(1, self.grid_every) == 0:

@@ -90,6 +90,16 @@ def last_good_checkpoint(trainer: Any) -> str:
     return f"the last good checkpoint is {newest}"
 
 
+def check_finite(name: str, value: torch.Tensor, trainer: Any, position: str) -> None:
+    """Stops the run before a NaN or infinite loss reaches the weights, naming the checkpoint to go back to."""
+    if bool(torch.isfinite(value)):
+        return
+    raise TrainingDiverged(
+        f"training diverged: {name} is {float(value)} at {position}; the weights were not updated with it and "
+        f"{last_good_checkpoint(trainer)}; try lower model.optimizer_g.lr / model.optimizer_d.lr"
+    )
+
+
 def refuse_automatic_only_settings(
     trainer: Any,
     accumulate_hint: str = "set model.accumulate_grad_batches instead and leave trainer.accumulate_grad_batches at 1",
@@ -407,13 +417,7 @@ class GANTask(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def _check_finite(self, name: str, value: torch.Tensor) -> None:
-        if bool(torch.isfinite(value)):
-            return
-        raise TrainingDiverged(
-            f"training diverged: {name} is {float(value)} at epoch {self.current_epoch}, generator step "
-            f"{self.g_steps}; the weights were not updated with it and {last_good_checkpoint(self.trainer)}; "
-            "try lower model.optimizer_g.lr / model.optimizer_d.lr"
-        )
+        check_finite(name, value, self.trainer, f"epoch {self.current_epoch}, generator step {self.g_steps}")
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()
