@@ -184,3 +184,26 @@ def _yaml(path: Path) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(path))
+
+
+@pytest.mark.parametrize(
+    ("message", "key", "line"),
+    [
+        ("norm: unknown 'x'; allowed: instance", "model.net", "model.net: norm: unknown 'x'; allowed: instance"),
+        ("scheduler: has its own schedule; allowed: none", "model", "scheduler: has its own schedule; allowed: none"),
+        ("model.generator.image_shape: bad", "model.generator", "model.generator.image_shape: bad"),
+    ],
+)
+def test_errors_inside_instantiation_name_their_key_once(message: str, key: str, line: str) -> None:
+    from hydra.errors import InstantiationException
+
+    from zoo.cli import describe
+    from zoo.errors import UserError
+
+    try:
+        try:
+            raise UserError(message)
+        except UserError as inner:
+            raise InstantiationException(f"Error in call to target 'x':\nUserError()\nfull_key: {key}") from inner
+    except InstantiationException as error:
+        assert describe(error) == line

@@ -112,8 +112,11 @@ def describe(error: BaseException) -> str:
     if isinstance(error, InstantiationException):
         lines = [line for line in lines if not line.startswith("full_key:")]
     text = " ".join(lines) or type(error).__name__
-    names_a_key = re.match(r"[\w.]+: ", text) is not None  # "scheduler: ..." already says where to look
-    return f"{key}: {text}" if key and not names_a_key and not text.startswith(key.rsplit(".", 1)[-1]) else text
+    # "scheduler: ..." or "model.generator.image_shape: ..." already names a full key; "norm: ..." needs its place
+    leading = re.match(r"([\w.]+): ", text)
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    names_a_full_key = leading is not None and leading.group(1).split(".")[0] in groups
+    return f"{key}: {text}" if key and not names_a_full_key and not text.startswith(key.rsplit(".", 1)[-1]) else text
 
 
 def check_overrides(config_name: str, args: list[str]) -> None:
