@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from zoo.data.bundled import read_mnist_5k
 from zoo.data.tensor import InMemoryDataModule, TensorBatches, stratified_split
+from zoo.data.vision import file_loader
 from zoo.errors import UserError
 
 STYLES = ("invert", "dilate")
@@ -325,14 +326,8 @@ class ImageFolderPairDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
         dataset = self.datasets[split]
         sampler = UnpairedSampler(len(dataset.files_a), len(dataset.files_b), shuffle=train, seed=self.shuffle_seed)
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        batch_size = self.batch_size if train else self.eval_batch_size
+        return file_loader(dataset, batch_size, self.num_workers, sampler=sampler)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader("train", train=True)

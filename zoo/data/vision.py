@@ -151,6 +151,18 @@ class _Loader:
             return Image.open(f).convert(self.mode)
 
 
+def file_loader(dataset: Any, batch_size: int, num_workers: int, **order: Any) -> torch.utils.data.DataLoader:
+    """Images decoded from files per batch: workers kept between epochs, pinned memory where a GPU will take them."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        **order,
+    )
+
+
 SPLIT_FOLDERS = {"val": ("val", "valid", "validation"), "test": ("test",)}
 AUGMENT_KEYS = ("hflip", "crop_padding")
 
@@ -305,15 +317,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
         generator = torch.Generator().manual_seed(self.shuffle_seed) if train else None
-        return torch.utils.data.DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        batch_size = self.batch_size if train else self.eval_batch_size
+        return file_loader(self.datasets[split], batch_size, self.num_workers, shuffle=train, generator=generator)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader("train", train=True)
