@@ -26,7 +26,7 @@ from zoo.metrics.generative import (
 )
 from zoo.nn.gan import DCGANDiscriminator, DCGANGenerator, start_size
 from zoo.run import build_model, evaluate, train
-from zoo.tasks.gan import GANTask, TrainingDiverged, gradient_penalty, load_or_train_scorer
+from zoo.tasks.gan import GANTask, TrainingDiverged, gradient_penalty, load_or_train_scorer, update_ema
 
 MODELS = ("dcgan", "wgan", "wgan_gp", "sngan")
 # small networks and a briefly trained scorer, so that a run takes seconds on one CPU core
@@ -298,6 +298,34 @@ def test_fixed_noise_grid_is_logged_every_epoch(train_config) -> None:
     assert {"train/loss_d", "train/loss_g", "val/fid"} <= set(events.Tags()["scalars"])
 
 
+def test_ema_update_is_the_exponential_moving_average() -> None:
+    torch.manual_seed(0)
+    model, average = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in average.parameters()]
+    update_ema(average, model, decay=0.9)
+    for smooth, a, b in zip(average.parameters(), start, model.parameters()):
+        torch.testing.assert_close(smooth, 0.9 * a + 0.1 * b)
+    update_ema(average, model, decay=0.9)
+    for smooth, a, b in zip(average.parameters(), start, model.parameters()):
+        torch.testing.assert_close(smooth, 0.81 * a + 0.19 * b)
+
+
+def test_samples_and_scores_come_from_the_ema_generator(train_config) -> None:
+    cfg = train_config("model=sngan", *TINY, "model.ema_decay=0.9", "test=false")
+    train(cfg)
+    task = build_model(cfg)
+    task.load_state_dict(last_ckpt(cfg)["state_dict"])
+    live, ema = task.generator.eval(), task.generator_ema.eval()
+    assert task.sampler is ema and not ema.net[0].weight.requires_grad
+    for a, b in zip(live.parameters(), ema.parameters()):
+        assert not torch.equal(a, b)  # 8 generator steps with a decay ramped up to 0.9: an average, not a copy
+    z = torch.randn(16, live.latent_dim)
+    torch.testing.assert_close(task.sample(z), ema(z))
+    assert not torch.allclose(task.sample(z), live(z))
+    off = build_model(train_config("model=sngan", *TINY, folder="off"))
+    assert off.generator_ema is None and off.sampler is off.generator
+
+
 def test_accumulation_and_n_critic_count_optimizer_steps(train_config) -> None:
     cfg = train_config(
         "model=wgan_gp",
@@ -311,10 +339,11 @@ def test_accumulation_and_n_critic_count_optimizer_steps(train_config) -> None:
     assert last_ckpt(cfg)["gan_steps"] == {"d_steps": 10, "g_steps": 2}
 
 
-@pytest.mark.parametrize("model", ["dcgan", "wgan_gp"])
-def test_resume_equals_the_uninterrupted_run(train_config, model: str) -> None:
+@pytest.mark.parametrize(("model", "ema_decay"), [("dcgan", "null"), ("wgan_gp", "0.99")])
+def test_resume_equals_the_uninterrupted_run(train_config, model: str, ema_decay: str) -> None:
     settings = [
         f"model={model}",
+        f"model.ema_decay={ema_decay}",
         *TINY,
         "trainer.limit_train_batches=3",
         "trainer.max_epochs=4",
@@ -325,6 +354,7 @@ def test_resume_equals_the_uninterrupted_run(train_config, model: str) -> None:
     a, b = last_ckpt(full), last_ckpt(resumed)
     halfway = checkpoint(full, "epoch_001.ckpt")
     assert not torch.equal(halfway["state_dict"]["generator.net.0.weight"], a["state_dict"]["generator.net.0.weight"])
+    assert any(key.startswith("generator_ema.") for key in a["state_dict"]) == (ema_decay != "null")
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     assert a["gan_steps"] == b["gan_steps"] and a["global_step"] == b["global_step"]
@@ -421,6 +451,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(train_confi
     ("override", "message"),
     [
         ("model.n_critic=0", "model.n_critic: must be an integer >= 1"),
+        ("model.ema_decay=1.0", "model.ema_decay: must be in [0, 1) or null, got 1.0"),
         ("model.loss=minimax", "model.loss: unknown 'minimax'; allowed: bce, wasserstein, hinge, lsgan"),
         ("model.discriminator.norm=group", "norm: unknown 'group'; allowed: batch, instance, layer, none"),
         ("model.scorer.backend=inception", "model.scorer.backend: unknown 'inception'; allowed: domain, torchmetrics"),

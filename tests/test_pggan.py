@@ -33,7 +33,7 @@ from zoo.nn.pggan import (
     ProgressiveGenerator,
 )
 from zoo.run import build_model, evaluate, train
-from zoo.tasks.pggan import GrowthSchedule, resize_real, update_ema
+from zoo.tasks.pggan import GrowthSchedule, resize_real
 
 # 8x8 digits, 4x4 -> 8x8, small networks and a briefly trained scorer: seconds per run on one CPU thread.
 # Phases of 24 images: 4x4 in 3 steps of 8, the 8x8 fade-in and stabilization in 6 steps of 4 each (15 steps);
@@ -173,19 +173,6 @@ def test_schedule_gives_resolution_alpha_and_images_from_the_steps_taken() -> No
     done = schedule.at(100)  # past the schedule the final resolution keeps training
     assert (done.resolution, done.alpha, done.index) == (16, 1.0, 4)
     assert GrowthSchedule([4], 10, 3).steps_per_phase == [4]  # a partial last batch still counts as a step
-
-
-def test_ema_update_is_the_exponential_moving_average() -> None:
-    torch.manual_seed(0)
-    model, average = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    start = [p.detach().clone() for p in average.parameters()]
-    update_ema(average, model, decay=0.9)
-    for smooth, a, b in zip(average.parameters(), start, model.parameters()):
-        torch.testing.assert_close(smooth, 0.9 * a + 0.1 * b)
-    update_ema(average, model, decay=0.9)
-    for smooth, a, b in zip(average.parameters(), start, model.parameters()):
-        torch.testing.assert_close(smooth, 0.81 * a + 0.19 * b)
-        assert not smooth.requires_grad or smooth.grad is None
 
 
 # ---- training ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ drift penalty; the generator's exponential moving average makes the samples, gri
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import math
@@ -32,6 +31,7 @@ from zoo.tasks.gan import (
     generator_loss,
     gradient_penalty,
     refuse_automatic_only_settings,
+    update_ema,
 )
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,6 @@ class GrowthSchedule:
         raise AssertionError("unreachable")
 
 
-@torch.no_grad()
-def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average <- decay * average + (1 - decay) * model, for parameters; buffers are copied."""
-    for smooth, current in zip(average.parameters(), model.parameters()):
-        smooth.lerp_(current.detach().to(smooth.dtype), 1.0 - decay)
-    for smooth, current in zip(average.buffers(), model.buffers()):
-        smooth.copy_(current)
-
-
 def resize_real(images: torch.Tensor, resolution: int, alpha: float = 1.0) -> torch.Tensor:
     """Real images at `resolution` by average pooling; in a fade-in, blended with their 2x coarser version
     (pooled, then nearest-upsampled) by `alpha`, as the generator's output is."""
@@ -153,7 +144,7 @@ class PGGANTask(GANTask):
         optimizer_d: Callable[..., torch.optim.Optimizer] | None = None,
         gp_weight: float = 10.0,
         drift_weight: float = 1e-3,
-        ema_decay: float = 0.999,
+        ema_decay: float = 0.996,
         gradient_clip_val: float | None = None,
         shuffle_seed: int = 0,
         scorer: Mapping[str, Any] | None = None,
@@ -178,6 +169,7 @@ class PGGANTask(GANTask):
             fixed_noise_seed=fixed_noise_seed,
             eval_seed=eval_seed,
             grid_every_n_epochs=grid_every_n_epochs,
+            ema_decay=ema_decay,
             optimizer=optimizer,
             scheduler=scheduler,
             monitor=monitor,
@@ -186,10 +178,7 @@ class PGGANTask(GANTask):
         self.schedule = GrowthSchedule(list(resolutions), images_per_phase, batch_sizes)
         if drift_weight < 0:
             raise UserError(f"model.drift_weight: must be >= 0, got {drift_weight}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise UserError(f"model.ema_decay: must be in [0, 1), got {ema_decay}")
-        self.drift_weight, self.ema_decay, self.shuffle_seed = drift_weight, ema_decay, shuffle_seed
-        self.generator_ema = copy.deepcopy(generator).requires_grad_(False)
+        self.drift_weight, self.shuffle_seed = drift_weight, shuffle_seed
         self.train_drift = MeanMetric()
         self.phase_seconds: list[float] = [0.0] * len(self.schedule.phases)
         self._train_images: torch.Tensor | None = None
@@ -305,7 +294,8 @@ class PGGANTask(GANTask):
             self.discriminator.requires_grad_(True)
         self._step(opt_g, 0)
         self.g_steps += 1
-        update_ema(self.generator_ema, self.generator, self.ema_decay)
+        if self.generator_ema is not None:
+            update_ema(self.generator_ema, self.generator, self.ema_decay)
 
         self.train_loss_d.update(loss_d.detach())
         self.train_loss_g.update(loss_g.detach())
@@ -332,7 +322,7 @@ class PGGANTask(GANTask):
         """Images in [-1, 1] at the data's size: of the current phase, nearest-upsampled (what the grids show), or
         with `final` from the final resolution's output (what is scored; the current alpha while it fades in)."""
         phase = self.phase
-        network = self.generator_ema if ema else self.generator
+        network = self.sampler if ema else self.generator
         resolution = self.schedule.final_resolution if final else phase.resolution
         alpha = phase.alpha if phase.resolution == resolution else 1.0
         images = network(z, resolution, alpha).clamp(-1.0, 1.0)
