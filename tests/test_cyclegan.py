@@ -22,7 +22,6 @@ from zoo.tasks.cyclegan import CycleGANTask, ImagePool, LinearDecay
 # small networks, a few batches, no scoring classifier: a run takes seconds on one CPU thread
 TINY = [
     "model=cyclegan",
-    "scheduler=none",
     "data=digits_pair",
     "model.generator.base_channels=4",
     "model.generator.n_blocks=1",
@@ -367,10 +366,11 @@ def test_accumulation_steps_every_second_batch_and_the_last(train_config) -> Non
     assert all(int(s["step"]) == 4 for opt in saved["optimizer_states"] for s in opt["state"].values())
 
 
-def test_a_scheduler_from_the_group_is_refused(train_config) -> None:
+def test_the_model_selects_no_scheduler_and_one_from_the_command_line_is_refused(train_config) -> None:
     from zoo.run import build_model
 
-    cfg = train_config(*[o for o in TINY if o != "scheduler=none"], *NO_SCORER, "scheduler=warmup_cosine")
+    assert train_config(*TINY, *NO_SCORER).scheduler is None  # model=cyclegan alone: its own schedule
+    cfg = train_config(*TINY, *NO_SCORER, "scheduler=warmup_cosine")
     with pytest.raises(Exception, match="scheduler: CycleGAN has its own schedule .*allowed: scheduler=none"):
         build_model(cfg)
 
@@ -396,7 +396,6 @@ def test_train_py_reports_bad_folders_in_one_line(tmp_path: Path) -> None:
         done = run_script(
             "train.py",
             "model=cyclegan",
-            "scheduler=none",
             "data=image_folder_pair",
             f"data.root={root}",
             "debug=fdr",
