@@ -26,7 +26,7 @@ from zoo.metrics.generative import (
 )
 from zoo.nn.gan import DCGANDiscriminator, DCGANGenerator, start_size
 from zoo.run import build_model, evaluate, train
-from zoo.tasks.gan import GANTask, TrainingDiverged, gradient_penalty, load_or_train_scorer, update_ema
+from zoo.tasks.gan import GANTask, TrainingDiverged, gradient_penalty, load_or_train_scorer, ramped_decay, update_ema
 
 MODELS = ("dcgan", "wgan", "wgan_gp", "sngan")
 # small networks and a briefly trained scorer, so that a run takes seconds on one CPU core
@@ -308,6 +308,9 @@ def test_ema_update_is_the_exponential_moving_average() -> None:
     update_ema(average, model, decay=0.9)
     for smooth, a, b in zip(average.parameters(), start, model.parameters()):
         torch.testing.assert_close(smooth, 0.81 * a + 0.19 * b)
+    # the decay ramps up: the first updates nearly copy the model, long runs reach the configured decay
+    assert [ramped_decay(0.999, t) for t in (0, 1, 90)] == pytest.approx([0.1, 2 / 11, 0.91])
+    assert ramped_decay(0.999, 100_000) == 0.999
 
 
 def test_samples_and_scores_come_from_the_ema_generator(train_config) -> None:

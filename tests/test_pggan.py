@@ -173,6 +173,9 @@ def test_schedule_gives_resolution_alpha_and_images_from_the_steps_taken() -> No
     done = schedule.at(100)  # past the schedule the final resolution keeps training
     assert (done.resolution, done.alpha, done.index) == (16, 1.0, 4)
     assert GrowthSchedule([4], 10, 3).steps_per_phase == [4]  # a partial last batch still counts as a step
+    # the EMA's decay ramps up anew where each resolution enters: steps since its fade-in began
+    at_resolution = [schedule.steps_at_resolution(schedule.at(step)) for step in (0, 9, 10, 14, 15, 19, 20, 27, 30)]
+    assert at_resolution == [0, 9, 0, 4, 5, 9, 0, 7, 10]
 
 
 # ---- training ----------------------------------------------------------------------------------------------------

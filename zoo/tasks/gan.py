@@ -85,6 +85,12 @@ def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
         smooth.copy_(current)
 
 
+def ramped_decay(decay: float, steps: int) -> float:
+    """min(decay, (1 + t) / (10 + t)) after t steps: an average over the steps so far until that exceeds `decay`'s
+    horizon, so that a short run is not dominated by the random weights it started from."""
+    return min(decay, (1 + steps) / (10 + steps))
+
+
 class TrainingDiverged(UserError):
     """A loss became NaN or infinite: the run stops before the bad step reaches the weights."""
 
@@ -254,8 +260,7 @@ class GANTask(L.LightningModule):
 
     With `ema_decay`, an exponential moving average of the generator's weights (Yazici et al., 2019) makes the
     samples, grids and scores: it smooths out the oscillation of adversarial training at no cost in steps. Its
-    decay ramps up as min(ema_decay, (1 + t) / (10 + t)) over generator steps t, so that short runs average over
-    their own length rather than over the random initialization.
+    decay ramps up over the generator steps (`ramped_decay`).
     """
 
     def __init__(
@@ -420,8 +425,7 @@ class GANTask(L.LightningModule):
         self._step(opt_g, 0)
         self.g_steps += 1
         if self.generator_ema is not None:
-            decay = min(self.ema_decay, (1 + self.g_steps) / (10 + self.g_steps))
-            update_ema(self.generator_ema, self.generator, decay)
+            update_ema(self.generator_ema, self.generator, ramped_decay(self.ema_decay, self.g_steps))
 
     @property
     def sampler(self) -> nn.Module:

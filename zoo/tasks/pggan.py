@@ -30,6 +30,7 @@ from zoo.tasks.gan import (
     discriminator_loss,
     generator_loss,
     gradient_penalty,
+    ramped_decay,
     refuse_automatic_only_settings,
     update_ema,
 )
@@ -90,6 +91,15 @@ class GrowthSchedule:
         for resolution, size in zip(resolutions[1:], sizes[1:]):
             self.phases += [(resolution, True, size), (resolution, False, size)]
         self.steps_per_phase = [math.ceil(images_per_phase / size) for _, _, size in self.phases]
+
+    def steps_at_resolution(self, phase: Phase) -> int:
+        """Steps since `phase`'s resolution entered (its fade-in began): the EMA generator's decay ramps up anew
+        there, so that its copy of the new block is not an average dominated by the block's random initial weights
+        (which the paper's 800k-image phases make negligible, but short schedules do not)."""
+        steps = phase.images_in_phase // phase.batch_size
+        if phase.index > 0 and not phase.fading:
+            steps += self.steps_per_phase[phase.index - 1]
+        return steps
 
     @property
     def total_steps(self) -> int:
@@ -295,7 +305,8 @@ class PGGANTask(GANTask):
         self._step(opt_g, 0)
         self.g_steps += 1
         if self.generator_ema is not None:
-            update_ema(self.generator_ema, self.generator, self.ema_decay)
+            decay = ramped_decay(self.ema_decay, self.schedule.steps_at_resolution(phase))
+            update_ema(self.generator_ema, self.generator, decay)
 
         self.train_loss_d.update(loss_d.detach())
         self.train_loss_g.update(loss_g.detach())
