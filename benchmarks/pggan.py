@@ -8,7 +8,7 @@ uniform and mean classifier confidence, mean ± std over seeds. A second table g
 steps of each growth phase (validation and scoring excluded).
 
     python benchmarks/pggan.py --device cuda                           # seeds 1,2,3 at the experiment's 100k/phase
-    python benchmarks/pggan.py --images-per-phase 10000 --seeds 1      # a short look on a CPU (about an hour)
+    python benchmarks/pggan.py --images-per-phase 10000 --seeds 1      # a short look on a CPU (about 20 minutes)
     python benchmarks/pggan.py --device cuda --jobs 3                  # seeds in parallel processes
 """
 
