@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -137,15 +137,22 @@ def main() -> None:
         resolutions = [int(r) for r in cfg.model.resolutions]
         refs = references(root, overrides)
         jobs = [(seed, root, overrides, args.threads) for seed in seeds]
+        rows = []
+
+        def report(row: dict[str, Any]) -> None:  # as each seed ends: a long run cut short still leaves its rows
+            rows.append(row)
+            scores = ", ".join(f"{k} {row[k]:.3f}" for k in SCORES)
+            print(f"seed {row['seed']}: {scores}, {row['steps']} steps, {row['seconds']:.0f} s", flush=True)
+
         if args.jobs > 1:
             context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state in the workers
             with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-                rows = list(pool.map(run_one, *zip(*jobs)))
+                for future in as_completed([pool.submit(run_one, *job) for job in jobs]):
+                    report(future.result())
         else:
-            rows = [run_one(*job) for job in jobs]
-        for row in rows:
-            scores = ", ".join(f"{k} {row[k]:.3f}" for k in SCORES)
-            print(f"seed {row['seed']}: {scores}, {row['steps']} steps, {row['seconds']:.0f} s")
+            for job in jobs:
+                report(run_one(*job))
+        rows.sort(key=lambda row: row["seed"])
 
     import torch
 

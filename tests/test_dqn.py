@@ -327,9 +327,10 @@ def test_train_py_and_evaluate_py_as_a_user_runs_them(tmp_path: Path) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_replay_buffer_and_updates_live_on_the_gpu(train_config) -> None:
-    cfg = train_config(*TINY, "trainer=gpu", "logger=none", "callbacks=none")
+    cfg = train_config(*TINY, "trainer=gpu", "logger=none")
     datamodule, model = instantiate(cfg.data), build_model(cfg)
     instantiate(cfg.trainer, logger=False).fit(model, datamodule=datamodule)
     assert model.buffer.observations.device.type == "cuda"
-    assert model.env_steps == 400 and model.buffer.size == 400
+    pending = sum(len(queue.items) for queue in model.env["queues"])  # n-step returns not yet complete
+    assert model.buffer.size + pending == model.env_steps == 400
     assert all(p.device.type == "cuda" for p in model.target_net.parameters())
