@@ -24,7 +24,7 @@ from zoo.metrics.generative import (
     inception_score,
     kl_to_uniform,
 )
-from zoo.nn.gan import DCGANDiscriminator, DCGANGenerator, start_size
+from zoo.nn.gan import DCGANDiscriminator, DCGANGenerator, StandardCNNDiscriminator, start_size
 from zoo.run import build_model, evaluate, train
 from zoo.tasks.gan import GANTask, TrainingDiverged, gradient_penalty, load_or_train_scorer, ramped_decay, update_ema
 
@@ -193,6 +193,21 @@ def test_spectral_norm_bounds_the_largest_singular_value_by_one() -> None:
     plain = DCGANDiscriminator((1, 28, 28), base_channels=16, norm="none")
     top = [torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item() for m in plain.modules() if hasattr(m, "weight")]
     assert max(top) > 1.05 or min(top) < 0.95  # without it the norms are whatever the init gives
+
+
+def test_standard_cnn_critic_has_the_papers_layers_and_swaps_in_by_target(train_config) -> None:
+    critic = StandardCNNDiscriminator((1, 28, 28), base_channels=8)
+    convs = [m for m in critic.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.kernel_size[0], m.stride[0]) for m in convs] == [(3, 1), (4, 2)] * 3 + [(3, 1)]
+    assert [m.out_channels for m in convs] == [8, 8, 16, 16, 32, 32, 64]
+    assert all(hasattr(m, "parametrizations") for m in [*convs, critic.score])  # spectral norm on every layer
+    assert critic.score.in_features == 64 * 3 * 3 and critic(torch.randn(5, 1, 28, 28)).shape == (5,)
+    with pytest.raises(UserError, match=r"needs images of 8x8 or more, got 4x4"):
+        StandardCNNDiscriminator((1, 4, 4))
+    cfg = train_config("model=sngan", *TINY, "model.discriminator._target_=zoo.nn.gan.StandardCNNDiscriminator")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert math.isfinite(metrics["train/loss_d"]) and metrics["test/coverage"] >= 1
 
 
 # ---- scores ------------------------------------------------------------------------------------------------------
