@@ -74,6 +74,7 @@ def test_new_runs_never_share_a_folder_or_touch_an_old_one(tmp_path: Path) -> No
         (["model.net.activation=swish"], "allowed: relu, gelu, silu, tanh, elu, leaky_relu"),
         (["trainer.precision=17"], "Precision 17 is invalid. Allowed precision values"),
         (["seed=abc"], "error: seed: expected an integer, got 'abc'"),
+        (["float32_matmul_precision=fast"], "float32_matmul_precision: unknown 'fast'; allowed: highest, high, medium"),
         (["data=mnist1d", "model=resnet"], "ResNet needs image input (C, H, W), got input_shape [1, 40]"),
         (["ckpt_path=missing.ckpt"], "error: ckpt_path: no file at 'missing.ckpt'"),
         (["data=mnist"], "MNIST not found in"),

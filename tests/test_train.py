@@ -118,6 +118,17 @@ def test_mixed_precision_on_cpu(train_config, precision: str) -> None:
     assert train(cfg) > 0.5
 
 
+def test_float32_matmul_precision_reaches_torch(train_config) -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        train(train_config("debug=fdr", "float32_matmul_precision=high"))
+        assert torch.get_float32_matmul_precision() == "high"
+        train(train_config("debug=fdr", folder="default"))  # each run sets its own: the default is full fp32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_every_key_of_the_documented_command_changes_the_run(train_config) -> None:
     cfg = train_config(
         "model=mlp",

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from zoo.errors import UserError
 
 log = logging.getLogger(__name__)
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -42,10 +43,12 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         return boost_run.fit_and_test(cfg, output_dir)
 
     import lightning as L
+    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -242,6 +245,9 @@ def _start(cfg: DictConfig, output_dir: Path) -> None:
         raise UserError(f"run folder '{output_dir}' already holds checkpoints; a new run needs a new folder")
     if not isinstance(cfg.get("seed"), int):
         raise UserError(f"seed: expected an integer, got {cfg.get('seed')!r}")
+    precision = cfg.get("float32_matmul_precision", "highest")
+    if precision not in MATMUL_PRECISIONS:
+        raise UserError(f"float32_matmul_precision: unknown {precision!r}; allowed: {', '.join(MATMUL_PRECISIONS)}")
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
