@@ -17,6 +17,7 @@ from zoo.errors import UserError
 
 NORMS = ("batch", "instance", "layer", "none")
 START_SIZES = (4, 7)
+INITS = ("dcgan", "default")
 
 
 def make_norm(name: str, channels: int) -> nn.Module:
@@ -105,6 +106,12 @@ def dcgan_init(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(layer.bias)
 
 
+def check_init(init: str, key: str) -> None:
+    """dcgan: dcgan_init after building; default: PyTorch's own initialization."""
+    if init not in INITS:
+        raise UserError(f"{key}: unknown '{init}'; allowed: {', '.join(INITS)}")
+
+
 class DCGANGenerator(nn.Module):
     """z -> (C, H, H) in [-1, 1]: project to a start x start map, UpBlocks that halve channels, 4x4 conv to C, tanh.
 
@@ -120,8 +127,7 @@ class DCGANGenerator(nn.Module):
         init: str = "dcgan",
     ) -> None:
         super().__init__()
-        if init not in ("dcgan", "default"):
-            raise UserError(f"model.generator.init: unknown '{init}'; allowed: dcgan, default")
+        check_init(init, "model.generator.init")
         if latent_dim < 1 or base_channels < 1:
             raise UserError("model.generator: latent_dim and base_channels must be >= 1")
         self.image_shape, self.latent_dim = tuple(image_shape), latent_dim
@@ -161,8 +167,7 @@ class DCGANDiscriminator(nn.Module):
         init: str = "dcgan",
     ) -> None:
         super().__init__()
-        if init not in ("dcgan", "default"):
-            raise UserError(f"model.discriminator.init: unknown '{init}'; allowed: dcgan, default")
+        check_init(init, "model.discriminator.init")
         make_norm(norm, 1)  # reject an unknown name before building anything
         self.image_shape = tuple(image_shape)
         start, doublings = start_size(_square_size(image_shape))
@@ -199,8 +204,7 @@ class StandardCNNDiscriminator(nn.Module):
         negative_slope: float = 0.1,
     ) -> None:
         super().__init__()
-        if init not in ("dcgan", "default"):
-            raise UserError(f"model.discriminator.init: unknown '{init}'; allowed: dcgan, default")
+        check_init(init, "model.discriminator.init")
         make_norm(norm, 1)
         size = _square_size(image_shape)
         if size < 8:
