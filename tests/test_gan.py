@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
 from zoo.data.gan import ImageFolderGANDataModule, MNIST5kGANDataModule, TorchvisionGANDataModule
@@ -250,6 +250,29 @@ def test_scores_of_real_digits_beat_scores_of_noise(tmp_path: Path, real_digits)
     other = MNIST5kGANDataModule(input_shape=[1, 28, 28], num_classes=10, test_fraction=0.5)
     with pytest.raises(UserError, match="^model.scorer.ckpt_path: the classifier at .* was trained on"):
         load_or_train_scorer(spec, other, torch.device("cpu"), cache=True)
+
+
+def test_a_classification_run_scores_only_data_of_its_own_shape(train_config, real_digits) -> None:
+    """model.scorer.ckpt_path may name a zoo classifier's checkpoint; one trained on other images is refused."""
+
+    def classifier_run(experiment: str, folder: str) -> Path:
+        cfg = train_config(f"experiment={experiment}", folder=folder)
+        run = Path(cfg.paths.output_dir)
+        (run / "checkpoints").mkdir(parents=True)
+        OmegaConf.save(cfg, run / "config.yaml", resolve=True)
+        net = instantiate(cfg.model.net)
+        torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, run / "checkpoints/last.ckpt")
+        return run / "checkpoints/last.ckpt"
+
+    data = MNIST5kGANDataModule(input_shape=[1, 28, 28], num_classes=10)
+    same = {"ckpt_path": str(classifier_run("cnn_mnist5k", "same"))}
+    scorer = load_or_train_scorer(same, data, torch.device("cpu"), True)
+    _, _, x_test, _ = real_digits
+    features, probs = scorer(x_test[:8])
+    assert scorer.pixel_range == (0.0, 1.0) and probs.shape == (8, 10) and features.shape[0] == 8
+    other = {"ckpt_path": str(classifier_run("cnn_digits", "other"))}
+    with pytest.raises(UserError, match=r"^model.scorer.ckpt_path: the classifier at .* takes images \[1, 8, 8\]"):
+        load_or_train_scorer(other, data, torch.device("cpu"), True)
 
 
 # ---- training ----------------------------------------------------------------------------------------------------

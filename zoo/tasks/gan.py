@@ -171,7 +171,7 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
     x, y = datamodule.splits["train"]
     data = f"{type(datamodule).__name__} {list(x.shape)}"  # what the scorer was trained on
     if path is not None and path.is_file():
-        return _load_scorer(path, device, data)
+        return _load_scorer(path, device, data, list(x.shape[1:]), int(datamodule.num_classes))
     if path is not None and path.suffix == ".ckpt":
         raise UserError(f"model.scorer.ckpt_path: no classifier checkpoint at '{path}'")
     x_val, y_val = datamodule.splits["val"]
@@ -219,7 +219,7 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
     return DomainScorer(net, (-1.0, 1.0), accuracy)
 
 
-def _load_scorer(path: Path, device: torch.device, data: str) -> DomainScorer:
+def _load_scorer(path: Path, device: torch.device, data: str, image_shape: list[int], num_classes: int) -> DomainScorer:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unreadable file means the same to the user
@@ -241,7 +241,15 @@ def _load_scorer(path: Path, device: torch.device, data: str) -> DomainScorer:
         from zoo.run import saved_run_config
 
         run_cfg = saved_run_config(path)
-        net = instantiate(run_cfg.model.net)
+        net_cfg = run_cfg.model.get("net", {})
+        trained_on = (list(net_cfg.get("input_shape", [])), net_cfg.get("num_classes"))
+        if trained_on != (image_shape, num_classes):
+            raise UserError(
+                f"model.scorer.ckpt_path: the classifier at '{path}' takes images {trained_on[0]} in "
+                f"{trained_on[1]} classes, this run's data has {image_shape} in {num_classes}; "
+                "give the checkpoint of a run on the same images (e.g. experiment=cnn_mnist5k for mnist5k)"
+            )
+        net = instantiate(net_cfg)
         if not isinstance(net, CNN):
             raise UserError(f"model.scorer.ckpt_path: '{path}' holds a {type(net).__name__}; allowed: a zoo CNN run")
         net.load_state_dict({k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
