@@ -342,3 +342,4 @@ def test_replay_buffer_and_updates_live_on_the_gpu(train_config) -> None:
     assert devices == {"cuda"}
     pending = sum(len(queue.items) for queue in model.env["queues"])  # n-step returns not yet complete
     assert model.buffer.size + pending == model.env_steps == 400
+    assert model.buffer.observations.device.type == "cpu", "fit must give the buffer's GPU memory back"

@@ -86,6 +86,12 @@ class ReplayBuffer:
         index = torch.randint(self.size, (batch_size,), generator=generator).to(self.actions.device)
         return tuple(getattr(self, name)[index] for name in self.FIELDS)
 
+    def to(self, device: torch.device | str) -> ReplayBuffer:
+        """Moves the ring with the module: Lightning moves parameters between devices, not this buffer."""
+        for name in self.FIELDS:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def state_dict(self) -> dict[str, Any]:
         """Only the filled part, on the CPU: a checkpoint of an early run stays small."""
         state: dict[str, Any] = {"position": self.position, "size": self.size, "capacity": self.capacity}
@@ -579,10 +585,16 @@ class DQNTask(L.LightningModule):
         if self.buffer is None:
             dtype = torch.from_numpy(np.zeros(0, dtype=dm.observation_dtype)).dtype
             self.buffer = ReplayBuffer(self.buffer_size, dm.observation_shape, dtype, self.device)
+        self.buffer.to(self.device)  # a second fit may run on another device
         pending = getattr(self, "_pending_buffer", None)
         if pending is not None:
             self.buffer.load_state_dict(pending)
             self._pending_buffer = None
+
+    def on_fit_end(self) -> None:
+        """Frees the GPU memory of the buffer with the rest of the module, which Lightning moves to the CPU."""
+        if self.buffer is not None:
+            self.buffer.to("cpu")
 
     def setup(self, stage: str) -> None:
         """The datamodule cuts epochs into iterations of this task's size before Lightning asks for batches."""
