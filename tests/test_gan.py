@@ -252,25 +252,26 @@ def test_scores_of_real_digits_beat_scores_of_noise(tmp_path: Path, real_digits)
         load_or_train_scorer(spec, other, torch.device("cpu"), cache=True)
 
 
+def classifier_run(train_config, experiment: str) -> Path:
+    """The folder layout of a zoo classification run (config.yaml, checkpoints/last.ckpt), with untrained weights."""
+    cfg = train_config(f"experiment={experiment}", folder=experiment)
+    run = Path(cfg.paths.output_dir)
+    (run / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config.yaml", resolve=True)
+    net = instantiate(cfg.model.net)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, run / "checkpoints/last.ckpt")
+    return run / "checkpoints/last.ckpt"
+
+
 def test_a_classification_run_scores_only_data_of_its_own_shape(train_config, real_digits) -> None:
     """model.scorer.ckpt_path may name a zoo classifier's checkpoint; one trained on other images is refused."""
-
-    def classifier_run(experiment: str, folder: str) -> Path:
-        cfg = train_config(f"experiment={experiment}", folder=folder)
-        run = Path(cfg.paths.output_dir)
-        (run / "checkpoints").mkdir(parents=True)
-        OmegaConf.save(cfg, run / "config.yaml", resolve=True)
-        net = instantiate(cfg.model.net)
-        torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, run / "checkpoints/last.ckpt")
-        return run / "checkpoints/last.ckpt"
-
     data = MNIST5kGANDataModule(input_shape=[1, 28, 28], num_classes=10)
-    same = {"ckpt_path": str(classifier_run("cnn_mnist5k", "same"))}
+    same = {"ckpt_path": str(classifier_run(train_config, "cnn_mnist5k"))}
     scorer = load_or_train_scorer(same, data, torch.device("cpu"), True)
     _, _, x_test, _ = real_digits
     features, probs = scorer(x_test[:8])
     assert scorer.pixel_range == (0.0, 1.0) and probs.shape == (8, 10) and features.shape[0] == 8
-    other = {"ckpt_path": str(classifier_run("cnn_digits", "other"))}
+    other = {"ckpt_path": str(classifier_run(train_config, "cnn_digits"))}
     with pytest.raises(UserError, match=r"^model.scorer.ckpt_path: the classifier at .* takes images \[1, 8, 8\]"):
         load_or_train_scorer(other, data, torch.device("cpu"), True)
 
@@ -415,6 +416,28 @@ def test_evaluate_reproduces_the_test_scores_of_training(train_config, tmp_path:
     scored = evaluate(eval_cfg)
     for name in ("test/fid", "test/inception_score", "test/coverage", "test/kl_uniform", "test/fid_real_floor"):
         assert scored[name] == pytest.approx(logged[name], rel=1e-5), name
+
+
+def test_evaluate_scores_with_another_classifier(train_config, tmp_path: Path) -> None:
+    cfg = train_config("model=dcgan", *TINY, "trainer.max_epochs=1", "test=false")
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+    def scored_with(scorer: Path, folder: str) -> dict[str, float]:
+        overrides = [f"ckpt_path={ckpt}", f"scorer_ckpt_path={scorer}", "extras.print_config=false"]
+        eval_cfg = compose_config("eval", overrides, tmp_path)
+        eval_cfg.paths.output_dir = str(tmp_path / folder)
+        return evaluate(eval_cfg)
+
+    own = scored_with(Path(cfg.model.scorer.ckpt_path), "own")
+    classifier = classifier_run(train_config, "cnn_mnist5k")
+    other = scored_with(classifier, "other")
+    assert own["test/fid"] != pytest.approx(other["test/fid"], rel=1e-3)  # another classifier's features
+    with pytest.raises(UserError, match=r"^model.scorer.ckpt_path: the classifier at .* takes images \[1, 8, 8\]"):
+        scored_with(classifier_run(train_config, "cnn_digits"), "digits")
+    eval_cfg = compose_config("eval", [f"ckpt_path={classifier}", f"scorer_ckpt_path={classifier}"], tmp_path)
+    with pytest.raises(UserError, match="^scorer_ckpt_path: the run of .* has no model.scorer.ckpt_path"):
+        evaluate(eval_cfg)
 
 
 def test_evaluate_sample_mode_writes_the_fixed_noise_grid(train_config, tmp_path: Path) -> None:

@@ -133,6 +133,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("batch_size"):
         run_cfg.data.eval_batch_size = cfg.batch_size
+    if cfg.get("scorer_ckpt_path"):
+        if "ckpt_path" not in (run_cfg.model.get("scorer") or {}):
+            raise UserError(
+                f"scorer_ckpt_path: the run of '{ckpt_path}' has no model.scorer.ckpt_path to replace; "
+                "allowed: GAN and PGGAN runs, which one classifier scores"
+            )
+        run_cfg.model.scorer.ckpt_path = str(cfg.scorer_ckpt_path)
     datamodule = instantiate(run_cfg.data)
     model = build_model(run_cfg)
     check_checkpoint(str(ckpt_path), model)
