@@ -549,6 +549,28 @@ def test_torchmetrics_scores_without_local_weights_is_one_line(train_config) -> 
         train(cfg)
 
 
+def test_torchmetrics_inception_scores_from_a_local_weights_file(train_config, tmp_path: Path, monkeypatch) -> None:
+    """The Inception FID/IS path with a weights file the test writes (random weights: no download can happen)."""
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3", reason="needs torch-fidelity")
+    with monkeypatch.context() as patch:
+        patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pt"
+    torch.save(network.state_dict(), weights)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download Inception weights")
+
+    monkeypatch.setattr(inception, "load_state_dict_from_url", no_download)
+    local = [f"model.scorer.inception_weights={weights}", "data.eval_batch_size=8", "trainer.max_epochs=1"]
+    cfg = train_config("model=dcgan", *TINY, "model.scorer.backend=torchmetrics", *local)
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert math.isfinite(metrics["test/fid_inception"]) and metrics["test/fid_inception"] > 0, metrics
+    assert metrics["test/inception_score_inception"] >= 1.0 and "test/fid" in metrics, metrics
+
+
 def test_train_py_runs_a_gan_and_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     done = run_script("train.py", "experiment=dcgan_mnist", "debug=fdr", *TINY[1:8], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -583,11 +583,13 @@ def _torchmetrics_scores(spec: Mapping[str, Any]) -> dict[str, Any]:
         problem = f"no Inception weights file at model.scorer.inception_weights ({weights})"
     if problem is not None:
         raise UserError(f"model.scorer.backend: torchmetrics needs local Inception weights: {problem}; allowed: domain")
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.inception import InceptionScore
 
     path = str(Path(str(weights)).expanduser())
+    # InceptionScore takes no weights path: it gets the network, built from the same file
+    logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=path)
     return {
         "fid": FrechetInceptionDistance(normalize=True, feature_extractor_weights_path=path),
-        "is": InceptionScore(normalize=True, feature_extractor_weights_path=path),
+        "is": InceptionScore(feature=logits, normalize=True),
     }
