@@ -24,7 +24,13 @@ from zoo.metrics.generative import (
     inception_score,
     kl_to_uniform,
 )
-from zoo.nn.gan import DCGANDiscriminator, DCGANGenerator, StandardCNNDiscriminator, start_size
+from zoo.nn.gan import (
+    DCGANDiscriminator,
+    DCGANGenerator,
+    StandardCNNDiscriminator,
+    StandardCNNGenerator,
+    start_size,
+)
 from zoo.run import build_model, evaluate, train
 from zoo.tasks.gan import GANTask, TrainingDiverged, gradient_penalty, load_or_train_scorer, ramped_decay, update_ema
 
@@ -208,6 +214,26 @@ def test_standard_cnn_critic_has_the_papers_layers_and_swaps_in_by_target(train_
     train(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert math.isfinite(metrics["train/loss_d"]) and metrics["test/coverage"] >= 1
+
+
+def test_standard_cnn_generator_has_the_papers_layers_and_swaps_in_by_target(train_config) -> None:
+    generator = StandardCNNGenerator((3, 32, 32))  # the paper's CIFAR-10 generator
+    layers = [m for m in generator.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert [(type(m).__name__, m.kernel_size[0], m.out_channels) for m in layers] == [
+        ("ConvTranspose2d", 4, 512),
+        ("ConvTranspose2d", 4, 256),
+        ("ConvTranspose2d", 4, 128),
+        ("ConvTranspose2d", 4, 64),
+        ("Conv2d", 3, 3),
+    ]
+    images = StandardCNNGenerator((1, 28, 28), latent_dim=16, base_channels=8)(torch.randn(5, 16))
+    assert images.shape == (5, 1, 28, 28) and images.abs().max() <= 1
+    with pytest.raises(UserError, match="image size 30 is not supported"):
+        StandardCNNGenerator((1, 30, 30))
+    cfg = train_config("model=sngan", *TINY, "model.generator._target_=zoo.nn.gan.StandardCNNGenerator")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert math.isfinite(metrics["train/loss_g"]) and metrics["test/coverage"] >= 1
 
 
 # ---- scores ------------------------------------------------------------------------------------------------------
