@@ -462,6 +462,9 @@ def test_evaluate_scores_with_another_classifier(train_config, tmp_path: Path) -
     assert own["test/fid"] != pytest.approx(other["test/fid"], rel=1e-3)  # another classifier's features
     with pytest.raises(UserError, match=r"^model.scorer.ckpt_path: the classifier at .* takes images \[1, 8, 8\]"):
         scored_with(classifier_run(train_config, "cnn_digits"), "digits")
+    with pytest.raises(UserError, match="^scorer_ckpt_path: no file at .*missing.pt"):  # not trained and cached there
+        scored_with(tmp_path / "missing.pt", "missing")
+    assert not (tmp_path / "missing.pt").exists()
     eval_cfg = compose_config("eval", [f"ckpt_path={classifier}", f"scorer_ckpt_path={classifier}"], tmp_path)
     with pytest.raises(UserError, match="^scorer_ckpt_path: the run of .* has no model.scorer.ckpt_path"):
         evaluate(eval_cfg)

@@ -139,6 +139,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 f"scorer_ckpt_path: the run of '{ckpt_path}' has no model.scorer.ckpt_path to replace; "
                 "allowed: GAN and PGGAN runs, which one classifier scores"
             )
+        if not Path(str(cfg.scorer_ckpt_path)).expanduser().is_file():
+            raise UserError(f"scorer_ckpt_path: no file at '{cfg.scorer_ckpt_path}'")
         run_cfg.model.scorer.ckpt_path = str(cfg.scorer_ckpt_path)
     datamodule = instantiate(run_cfg.data)
     model = build_model(run_cfg)
