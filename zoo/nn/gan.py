@@ -112,25 +112,14 @@ def check_init(init: str, key: str) -> None:
         raise UserError(f"{key}: unknown '{init}'; allowed: {', '.join(INITS)}")
 
 
-def generator_stem(
-    latent_dim: int, base_channels: int, channels: int, start: int, norm: str, init: str
-) -> list[nn.Module]:
-    """z (as a 1x1 map) -> a start x start map of `channels`: a dense layer written as a transposed convolution."""
-    check_init(init, "model.generator.init")
-    if latent_dim < 1 or base_channels < 1:
-        raise UserError("model.generator: latent_dim and base_channels must be >= 1")
-    return [
-        nn.ConvTranspose2d(latent_dim, channels, start, stride=1, padding=0, bias=norm == "none"),
-        make_norm(norm, channels),
-        nn.ReLU(inplace=True),
-    ]
-
-
 class DCGANGenerator(nn.Module):
     """z -> (C, H, H) in [-1, 1]: project to a start x start map, UpBlocks that halve channels, 4x4 conv to C, tanh.
 
     Channels at the start map are base_channels * 2^(doublings-1); 28x28 MNIST: 7x7x128 -> 14x14x64 -> 28x28x1.
+    The projection is a dense layer, written as a transposed convolution of z seen as a 1x1 map.
     """
+
+    full_size_block = False  # StandardCNNGenerator: one more UpBlock, then a 3x3 convolution to the image
 
     def __init__(
         self,
@@ -141,15 +130,26 @@ class DCGANGenerator(nn.Module):
         init: str = "dcgan",
     ) -> None:
         super().__init__()
+        check_init(init, "model.generator.init")
+        if latent_dim < 1 or base_channels < 1:
+            raise UserError("model.generator: latent_dim and base_channels must be >= 1")
         self.image_shape, self.latent_dim = tuple(image_shape), latent_dim
         start, doublings = start_size(_square_size(image_shape))
-        channels = base_channels * 2 ** (doublings - 1)
-        layers = generator_stem(latent_dim, base_channels, channels, start, norm, init)
-        for _ in range(doublings - 1):
+        blocks = doublings if self.full_size_block else doublings - 1
+        channels = base_channels * 2**blocks
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(latent_dim, channels, start, stride=1, padding=0, bias=norm == "none"),
+            make_norm(norm, channels),
+            nn.ReLU(inplace=True),
+        ]
+        for _ in range(blocks):
             layers.append(UpBlock(channels, channels // 2, norm))
             channels //= 2
-        layers += [nn.ConvTranspose2d(channels, image_shape[0], 4, stride=2, padding=1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        if self.full_size_block:
+            layers.append(nn.Conv2d(channels, image_shape[0], 3, stride=1, padding=1))
+        else:
+            layers.append(nn.ConvTranspose2d(channels, image_shape[0], 4, stride=2, padding=1))
+        self.net = nn.Sequential(*layers, nn.Tanh())
         if init == "dcgan":
             dcgan_init(self)
 
@@ -157,7 +157,7 @@ class DCGANGenerator(nn.Module):
         return self.net(z.view(len(z), self.latent_dim, 1, 1))
 
 
-class StandardCNNGenerator(nn.Module):
+class StandardCNNGenerator(DCGANGenerator):
     """The "standard CNN" generator of the SNGAN paper (Miyato et al., 2018, Table 3): DCGAN's, one layer deeper.
 
     Every doubling is an UpBlock that halves the channels, down to base_channels at full size, then a 3x3 convolution
@@ -165,6 +165,8 @@ class StandardCNNGenerator(nn.Module):
     7x7x256 -> 14x14x128 -> 28x28x64 -> 1. DCGAN's generator goes straight from half size to the image, so no
     layer has channels at full resolution. Takes the same keys as DCGANGenerator, so one `_target_` swaps them.
     """
+
+    full_size_block = True
 
     def __init__(
         self,
@@ -174,21 +176,7 @@ class StandardCNNGenerator(nn.Module):
         norm: str = "batch",
         init: str = "dcgan",
     ) -> None:
-        super().__init__()
-        self.image_shape, self.latent_dim = tuple(image_shape), latent_dim
-        start, doublings = start_size(_square_size(image_shape))
-        channels = base_channels * 2**doublings
-        layers = generator_stem(latent_dim, base_channels, channels, start, norm, init)
-        for _ in range(doublings):
-            layers.append(UpBlock(channels, channels // 2, norm))
-            channels //= 2
-        layers += [nn.Conv2d(channels, image_shape[0], 3, stride=1, padding=1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-        if init == "dcgan":
-            dcgan_init(self)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(len(z), self.latent_dim, 1, 1))
+        super().__init__(image_shape, latent_dim, base_channels, norm, init)
 
 
 class DCGANDiscriminator(nn.Module):
