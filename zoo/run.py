@@ -122,6 +122,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = Path(cfg.ckpt_path)
     run_cfg = saved_run_config(ckpt_path)
+    if cfg.get("scorer_ckpt_path"):  # before any family branches off: a run without a scorer refuses the key
+        _swap_scorer(run_cfg, str(cfg.scorer_ckpt_path), ckpt_path)
     if is_boosted(run_cfg):
         from zoo.boost import run as boost_run
 
@@ -133,15 +135,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("batch_size"):
         run_cfg.data.eval_batch_size = cfg.batch_size
-    if cfg.get("scorer_ckpt_path"):
-        if "ckpt_path" not in (run_cfg.model.get("scorer") or {}):
-            raise UserError(
-                f"scorer_ckpt_path: the run of '{ckpt_path}' has no model.scorer.ckpt_path to replace; "
-                "allowed: GAN and PGGAN runs, which one classifier scores"
-            )
-        if not Path(str(cfg.scorer_ckpt_path)).expanduser().is_file():
-            raise UserError(f"scorer_ckpt_path: no file at '{cfg.scorer_ckpt_path}'")
-        run_cfg.model.scorer.ckpt_path = str(cfg.scorer_ckpt_path)
     datamodule = instantiate(run_cfg.data)
     model = build_model(run_cfg)
     check_checkpoint(str(ckpt_path), model)
@@ -169,6 +162,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     print(f"\n{split} metrics of {ckpt_path}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
     return metrics
+
+
+def _swap_scorer(run_cfg: DictConfig, scorer_path: str, ckpt_path: Path) -> None:
+    """Scores a generator with another classifier than the one its run was trained with."""
+    if "ckpt_path" not in (run_cfg.model.get("scorer") or {}):
+        raise UserError(
+            f"scorer_ckpt_path: the run of '{ckpt_path}' has no model.scorer.ckpt_path to replace; "
+            "allowed: GAN and PGGAN runs, which one classifier scores"
+        )
+    if not Path(scorer_path).expanduser().is_file():
+        raise UserError(f"scorer_ckpt_path: no file at '{scorer_path}'")
+    run_cfg.model.scorer.ckpt_path = scorer_path
 
 
 def _run_eval_mode(cfg: DictConfig, model: Any, ckpt_path: Path, mode: str) -> dict[str, float]:
