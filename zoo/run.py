@@ -30,10 +30,28 @@ def train(cfg: DictConfig) -> float | None:
     _start(cfg, output_dir)
     folds = int(cfg.get("cv", {}).get("folds", 1))
     metrics = cross_validate(cfg, output_dir, folds) if folds > 1 else fit_and_test(cfg, output_dir)
+    _close_process_group()
     value = metrics.get(cfg.optimized_metric)
     if value is None:
         log.warning("optimized_metric '%s' was not logged; logged: %s", cfg.optimized_metric, ", ".join(metrics))
     return value
+
+
+def _close_process_group() -> None:
+    """Ends a DDP run in step on every rank.
+
+    Left to interpreter exit, a rank that finishes first tears its gloo threads down while the
+    others still write their results, and can abort (SIGABRT) and take the whole run with it.
+    """
+    import sys
+
+    if "torch" not in sys.modules:  # gradient-boosted runs never import torch
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
