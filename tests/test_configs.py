@@ -1,5 +1,6 @@
 """Every config composes, every optimizer and schedule builds and steps, every experiment runs a batch."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,18 @@ def test_debug_presets_run(train_config, debug: str) -> None:
     train(cfg)
     if debug == "profiler":
         assert (Path(cfg.paths.output_dir) / "fit-profile.txt").is_file()
+
+
+def test_max_time_stops_training_and_the_test_still_runs(train_config) -> None:
+    cfg = train_config(
+        "model=logreg",
+        "trainer.max_epochs=300",
+        "trainer.max_time=00:00:00:02",
+        "callbacks.early_stopping=null",
+        "logger=none",
+    )
+    train(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    assert "test/acc" in json.loads((output_dir / "metrics.json").read_text())
+    last = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 0 < last["epoch"] < 299, last["epoch"]  # stopped by the clock, not by max_epochs
