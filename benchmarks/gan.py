@@ -5,11 +5,13 @@ a generator can do with this many samples) and the FID of uniform noise (what no
 model trains through `zoo.run.train` with configs composed as `train.py` composes them (`experiment=<model>_mnist
 seed=<s>`), and is scored by its test step: domain FID, Inception-style score, class coverage, KL of the class
 histogram to uniform and mean classifier confidence, with mean ± std over seeds and the wall time per 1,000
-generator steps (whole run: training, validation and test).
+generator steps (whole run: training, validation and test). The test step scores the checkpoint with the best
+validation FID; a second row scores each run's last checkpoint.
 
     python benchmarks/gan.py                                   # 4 models x seeds 1,2 at each experiment's epochs
     python benchmarks/gan.py --models dcgan,sngan --epochs 20 --seeds 1
     python benchmarks/gan.py --device cuda --epochs 50 --jobs 8  # the targets need long runs: use a GPU
+    python benchmarks/gan.py --device cuda --models sngan_std --override trainer.max_time=00:00:10:00
 
 With `--jobs N` the runs share the machine N at a time (small networks leave a GPU mostly idle), so the wall time
 per 1,000 generator steps is that of one run among N.
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 from common import QUIET as COMMON_QUIET
 from common import compose_config, real_and_noise_scores
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from zoo.run import train
 
@@ -61,7 +63,29 @@ def run_one(model: str, seed: int, root: Path, overrides: list[str]) -> dict[str
     row["floor"] = metrics["test/fid_real_floor"]
     row["s_per_1k_g_steps"] = 1000 * seconds / max(1, g_steps)
     row["g_steps"] = g_steps
+    last = score_last_checkpoint(cfg)
+    row.update({f"last_{name}": last[f"test/{name}"] for name in SCORES})
     return row
+
+
+def score_last_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """The test step scores the best-val/fid checkpoint; the last one can differ a lot, in either direction.
+
+    A generator's samples can keep getting sharper (higher confidence) after its FID has bottomed out, while its
+    classes drift out of balance (higher KL), so both are reported.
+    """
+    from zoo.run import evaluate
+
+    run = Path(cfg.paths.output_dir)
+    return evaluate(
+        OmegaConf.create(
+            {
+                "ckpt_path": str(run / "checkpoints" / "last.ckpt"),
+                "paths": {"output_dir": str(run / "eval_last")},
+                "accelerator": cfg.trainer.accelerator,
+            }
+        )
+    )
 
 
 def generator_steps(cfg: DictConfig) -> int:
@@ -146,6 +170,8 @@ def main() -> None:
     for model, runs in rows.items():
         cells = [summary([r[s] for r in runs]) for s in SCORES]
         lines.append([model, *cells, summary([r["s_per_1k_g_steps"] for r in runs]), str(int(runs[0]["g_steps"]))])
+        last_cells = [summary([r[f"last_{s}"] for r in runs]) for s in SCORES]
+        lines.append([f"{model}, last checkpoint", *last_cells, "", ""])
     lines.append(["target", "", "", *(TARGETS[s] for s in SCORES[2:]), "", ""])
     threads = f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
     print(f"\nseeds {seeds}, device {args.device}, {threads}, {args.jobs} run(s) at a time")
