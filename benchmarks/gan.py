@@ -37,7 +37,7 @@ from common import QUIET as COMMON_QUIET
 from common import compose_config, real_and_noise_scores
 from omegaconf import DictConfig, OmegaConf
 
-from zoo.run import train
+from zoo.run import evaluate, train
 
 QUIET = [*COMMON_QUIET, "logger=none"]
 SCORES = ("fid", "inception_score", "coverage", "kl_uniform", "confidence")
@@ -74,8 +74,6 @@ def score_last_checkpoint(cfg: DictConfig) -> dict[str, float]:
     A generator's samples can keep getting sharper (higher confidence) after its FID has bottomed out, while its
     classes drift out of balance (higher KL), so both are reported.
     """
-    from zoo.run import evaluate
-
     run = Path(cfg.paths.output_dir)
     return evaluate(
         OmegaConf.create(
