@@ -223,8 +223,6 @@ def zoo_fit(cfg: DictConfig, device: torch.device, profile: bool = False) -> Tim
     model = build_model(cfg)
     callbacks = [timer, *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    if not loggers:
-        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     extra = {"profiler": profiler} if profiler is not None else {}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
     trainer.fit(model, datamodule=datamodule)

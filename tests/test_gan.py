@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
@@ -519,7 +518,6 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(train_confi
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]  # no logger here
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     forward, calls = model.discriminator.forward, []
 
@@ -642,6 +640,23 @@ def test_a_schedule_from_the_scheduler_group_steps_both_networks(train_config, s
     if interval == "step":  # the cosine ends at 0 after the steps the run makes
         rates = [group["lr"] for opt in saved["optimizer_states"] for group in opt["param_groups"]]
         assert rates == [pytest.approx(0.0, abs=1e-12)] * 2, rates
+
+
+@pytest.mark.parametrize("schedule", ["none", "warmup_cosine"])
+def test_learning_rates_are_logged_as_train_lr_g_and_lr_d_with_or_without_a_schedule(train_config, schedule) -> None:
+    tiny = [o for o in TINY if not o.startswith("scheduler=")]
+    logged = ["logger=csv", "trainer.log_every_n_steps=1", "test=false"]
+    cfg = train_config("model=sngan", *tiny, f"scheduler={schedule}", "model.optimizer_d.lr=5e-5", *logged)
+    train(cfg)
+    rows = epoch_rows(cfg)
+    rates_g, rates_d = column(rows, "train/lr_g"), column(rows, "train/lr_d")
+    assert len(rates_g) == len(rates_d) == 8  # one per batch: 2 epochs x 4
+    assert not [name for name in rows[0] if name.startswith("lr-")]
+    if schedule == "none":
+        assert rates_g == pytest.approx([2e-4] * 8) and rates_d == pytest.approx([5e-5] * 8)
+    else:  # the cosine falls from the base rates
+        assert rates_g[0] == pytest.approx(2e-4) and rates_d[0] == pytest.approx(5e-5)
+        assert rates_g == sorted(rates_g, reverse=True) and rates_g[-1] < 2e-4
 
 
 def test_gradient_clipping_by_hand_bounds_each_sgd_step(train_config) -> None:

@@ -63,6 +63,14 @@ def test_default_run_learns_digits(train_config) -> None:
         assert name in metrics, name
 
 
+def test_learning_rate_is_logged_as_train_lr_without_a_scheduler_too(train_config) -> None:
+    cfg = train_config("model=logreg", "scheduler=none", "trainer.max_epochs=1", "trainer.log_every_n_steps=1")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["train/lr"] == pytest.approx(cfg.optimizer.lr)
+    assert not [name for name in metrics if name.startswith("lr-")]
+
+
 def test_resume_equals_the_uninterrupted_run(train_config) -> None:
     """A crash after epoch 2 of 4 leaves epoch_001.ckpt; resuming from it must end where the full run ended."""
     settings = [

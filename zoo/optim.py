@@ -15,7 +15,7 @@ def param_groups(module: nn.Module) -> list[dict[str, Any]]:
     """Split parameters so that weight decay skips biases and norm scales (vectors), as in AdamW practice.
 
     The second group carries weight_decay=0; the first inherits whatever the optimizer config sets.
-    The group names make LearningRateMonitor log `train/lr` (and `train/lr_no_decay`).
+    The group names are the logged ones: `train/lr` (and `train/lr_no_decay`).
     """
     decay, no_decay = [], []
     for param in module.parameters():
@@ -65,7 +65,6 @@ def lr_scheduler_config(
     config: dict[str, Any] = {
         "scheduler": scheduler,
         "interval": "step" if accepts_total else "epoch",
-        "name": "train",  # LearningRateMonitor appends the group name: train/lr
     }
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config["monitor"] = monitor

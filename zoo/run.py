@@ -63,7 +63,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     import lightning as L
     import torch
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+    from lightning.pytorch.callbacks import ProgressBar
 
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
@@ -71,8 +71,6 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     model = build_model(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    if not loggers:  # nothing to write learning rates to (logger=none, debug=fdr)
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # so that trainer.enable_progress_bar=false just works
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

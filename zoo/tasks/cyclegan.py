@@ -228,7 +228,7 @@ class CycleGANTask(L.LightningModule):
         opt_g = self.make_optimizer_g(params=[{"params": list(generators), "name": "lr_g"}])
         opt_d = self.make_optimizer_d(params=[{"params": list(discriminators), "name": "lr_d"}])
         schedulers = [
-            {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self.schedule), "name": "train", "interval": "epoch"}
+            {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self.schedule), "interval": "epoch"}
             for opt in (opt_g, opt_d)
         ]
         return [opt_g, opt_d], schedulers

@@ -369,8 +369,8 @@ class GANTask(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.make_optimizer_g is None or self.make_optimizer_d is None:
             raise UserError("model.optimizer_g / model.optimizer_d: not set; give each network an optimizer config")
-        opt_g = self.make_optimizer_g(params=[{"params": list(self.generator.parameters()), "name": "g"}])
-        opt_d = self.make_optimizer_d(params=[{"params": list(self.discriminator.parameters()), "name": "d"}])
+        opt_g = self.make_optimizer_g(params=[{"params": list(self.generator.parameters()), "name": "lr_g"}])
+        opt_d = self.make_optimizer_d(params=[{"params": list(self.discriminator.parameters()), "name": "lr_d"}])
         if self.make_scheduler is None:
             return [opt_g, opt_d]
         d_steps = max(1, int(self.trainer.estimated_stepping_batches) // self.accumulate)
