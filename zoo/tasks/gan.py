@@ -366,11 +366,16 @@ class GANTask(L.LightningModule):
         refuse_automatic_only_settings(self.trainer)
         return []
 
-    def configure_optimizers(self) -> Any:
+    def network_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """One optimizer per network; the group names are the logged ones (train/lr_g, train/lr_d)."""
         if self.make_optimizer_g is None or self.make_optimizer_d is None:
             raise UserError("model.optimizer_g / model.optimizer_d: not set; give each network an optimizer config")
         opt_g = self.make_optimizer_g(params=[{"params": list(self.generator.parameters()), "name": "lr_g"}])
         opt_d = self.make_optimizer_d(params=[{"params": list(self.discriminator.parameters()), "name": "lr_d"}])
+        return opt_g, opt_d
+
+    def configure_optimizers(self) -> Any:
+        opt_g, opt_d = self.network_optimizers()
         if self.make_scheduler is None:
             return [opt_g, opt_d]
         d_steps = max(1, int(self.trainer.estimated_stepping_batches) // self.accumulate)

@@ -219,10 +219,7 @@ class PGGANTask(GANTask):
     def configure_optimizers(self) -> Any:
         """One optimizer per network over all its blocks, built once; a per-step schedule spans the growth schedule
         when the run's length is left to it (`trainer.max_epochs=-1`)."""
-        if self.make_optimizer_g is None or self.make_optimizer_d is None:
-            raise UserError("model.optimizer_g / model.optimizer_d: not set; give each network an optimizer config")
-        opt_g = self.make_optimizer_g(params=[{"params": list(self.generator.parameters()), "name": "lr_g"}])
-        opt_d = self.make_optimizer_d(params=[{"params": list(self.discriminator.parameters()), "name": "lr_d"}])
+        opt_g, opt_d = self.network_optimizers()
         if self.make_scheduler is None:
             return [opt_g, opt_d]
         estimated = float(self.trainer.estimated_stepping_batches)
