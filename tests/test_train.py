@@ -107,6 +107,21 @@ def test_last_checkpoint_is_the_newest_state_even_when_the_metric_stalls(train_c
     assert last["epoch"] == 2 and last["global_step"] == 6
 
 
+def test_last_checkpoint_is_written_in_epochs_without_validation(train_config) -> None:
+    """Validating every 2nd of 3 epochs, last.ckpt must still hold epoch 2, so a crash or max_time loses no epoch."""
+    cfg = train_config(
+        "model=mlp",
+        "trainer.limit_train_batches=2",
+        "trainer.max_epochs=3",
+        "trainer.check_val_every_n_epoch=2",
+        "test=false",
+        "logger=none",
+    )
+    train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] == 6
+
+
 def test_evaluate_reproduces_the_test_metrics_logged_by_training(train_config, tmp_path: Path) -> None:
     cfg = train_config(*FAST)
     train(cfg)
