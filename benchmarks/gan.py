@@ -11,7 +11,7 @@ validation FID; a second row scores each run's last checkpoint.
     python benchmarks/gan.py                                   # 4 models x seeds 1,2 at each experiment's epochs
     python benchmarks/gan.py --models dcgan,sngan --epochs 20 --seeds 1
     python benchmarks/gan.py --device cuda --epochs 50 --jobs 8  # the targets need long runs: use a GPU
-    python benchmarks/gan.py --device cuda --models sngan_std --override trainer.max_time=00:00:10:00
+    python benchmarks/gan.py --device cuda --models wgan_gp_std,sngan_std --jobs 4   # the recipes at their epochs
 
 With `--jobs N` the runs share the machine N at a time (small networks leave a GPU mostly idle), so the wall time
 per 1,000 generator steps is that of one run among N.
