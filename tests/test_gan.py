@@ -546,6 +546,8 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(train_confi
         ("model.ema_decay=1.0", "model.ema_decay: must be in [0, 1) or null, got 1.0"),
         ("model.loss=minimax", "model.loss: unknown 'minimax'; allowed: bce, wasserstein, hinge, lsgan"),
         ("model.discriminator.norm=group", "norm: unknown 'group'; allowed: batch, instance, layer, none"),
+        # DCGAN's critic has batch norm, which the per-sample gradient penalty cannot have
+        ("model.gp_weight=10", "model.discriminator.norm: batch norm mixes the samples of a batch, so the per-sample"),
         ("model.scorer.backend=inception", "model.scorer.backend: unknown 'inception'; allowed: domain, torchmetrics"),
     ],
 )

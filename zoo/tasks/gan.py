@@ -304,6 +304,12 @@ class GANTask(L.LightningModule):
             raise UserError(f"model.clip_value: must be > 0 or null, got {clip_value}")
         if gp_weight < 0:
             raise UserError(f"model.gp_weight: must be >= 0, got {gp_weight}")
+        if gp_weight > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in discriminator.modules()):
+            # the penalty is a per-sample gradient norm; batch norm makes each output depend on the whole batch
+            raise UserError(
+                "model.discriminator.norm: batch norm mixes the samples of a batch, so the per-sample gradient "
+                "penalty (model.gp_weight > 0) does not hold with it; allowed: layer, instance, none"
+            )
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise UserError(f"model.gradient_clip_val: must be > 0 or null, got {gradient_clip_val}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
