@@ -4,7 +4,9 @@ separate real digits from noise, losses that move, sample grids, exact resume, e
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -255,7 +257,7 @@ def test_score_functions_on_known_cases() -> None:
     assert kl_to_uniform(collapsed) == pytest.approx(math.log(10)) and class_coverage(collapsed) == 1
 
 
-def test_scores_of_real_digits_beat_scores_of_noise(tmp_path: Path, real_digits) -> None:
+def test_scores_of_real_digits_beat_scores_of_noise(tmp_path: Path, real_digits, caplog) -> None:
     data = MNIST5kGANDataModule(input_shape=[1, 28, 28], num_classes=10)
     spec = {"ckpt_path": str(tmp_path / "scorer.pt"), "epochs": 1, "channels": [16, 32], "hidden": 64}
     scorer = load_or_train_scorer(spec, data, torch.device("cpu"), cache=True)
@@ -270,8 +272,11 @@ def test_scores_of_real_digits_beat_scores_of_noise(tmp_path: Path, real_digits)
     assert real["coverage"] == 10 and real["kl_uniform"] < 0.05 < fake["kl_uniform"]
     assert real["inception_score"] > fake["inception_score"] + 1
     assert real["confidence"] > fake["confidence"]
-    # a second call loads the cache, which refuses data of another shape
-    assert load_or_train_scorer(spec, data, torch.device("cpu"), cache=True).accuracy == scorer.accuracy
+    # a second call loads the cache, names the file it scores with by its digest, and refuses data of another shape
+    with caplog.at_level(logging.INFO, logger="zoo.tasks.gan"):
+        assert load_or_train_scorer(spec, data, torch.device("cpu"), cache=True).accuracy == scorer.accuracy
+    digest = hashlib.sha256((tmp_path / "scorer.pt").read_bytes()).hexdigest()[:12]
+    assert f"scorer.pt (sha256 {digest})" in caplog.text
     other = MNIST5kGANDataModule(input_shape=[1, 28, 28], num_classes=10, test_fraction=0.5)
     with pytest.raises(UserError, match="^model.scorer.ckpt_path: the classifier at .* was trained on"):
         load_or_train_scorer(spec, other, torch.device("cpu"), cache=True)

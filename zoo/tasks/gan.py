@@ -10,6 +10,7 @@ Lightning does them only in automatic mode. Validation and test score the genera
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import logging
 import os
@@ -215,8 +216,14 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
         scorer = {"kind": "zoo.gan.scorer", "net": kwargs, "state_dict": state, "accuracy": accuracy, "data": data}
         torch.save(scorer, partial)
         os.replace(partial, path)
-        log.info("scoring classifier cached at %s", path)
+        log.info("scoring classifier cached at %s (sha256 %s)", path, file_digest(path))
     return DomainScorer(net, (-1.0, 1.0), accuracy)
+
+
+def file_digest(path: Path) -> str:
+    """A short sha256 of a file: a scorer retrained from the same config is not bit-identical across machines or
+    thread counts, and its scores shift by a few thousandths, so figures compare only under one scorer file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def _load_scorer(path: Path, device: torch.device, data: str, image_shape: list[int], num_classes: int) -> DomainScorer:
@@ -226,6 +233,7 @@ def _load_scorer(path: Path, device: torch.device, data: str, image_shape: list[
         raise UserError(
             f"model.scorer.ckpt_path: '{path}' is not a readable checkpoint ({type(error).__name__})"
         ) from None
+    log.info("scoring classifier %s (sha256 %s)", path, file_digest(path))
     if isinstance(checkpoint, dict) and checkpoint.get("kind") == "zoo.gan.scorer":
         if checkpoint.get("data") != data:
             raise UserError(
