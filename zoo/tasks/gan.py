@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import io
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -214,26 +215,29 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
         partial = path.with_name(path.name + ".partial")
         state = {k: v.cpu() for k, v in net.state_dict().items()}
         scorer = {"kind": "zoo.gan.scorer", "net": kwargs, "state_dict": state, "accuracy": accuracy, "data": data}
-        torch.save(scorer, partial)
+        buffer = io.BytesIO()
+        torch.save(scorer, buffer)
+        partial.write_bytes(buffer.getvalue())
         os.replace(partial, path)
-        log.info("scoring classifier cached at %s (sha256 %s)", path, file_digest(path))
+        log.info("scoring classifier cached at %s (sha256 %s)", path, short_digest(buffer.getvalue()))
     return DomainScorer(net, (-1.0, 1.0), accuracy)
 
 
-def file_digest(path: Path) -> str:
-    """A short sha256 of a file: a scorer retrained from the same config is not bit-identical across machines or
+def short_digest(raw: bytes) -> str:
+    """A short sha256 of a scorer file: one retrained from the same config is not bit-identical across machines or
     thread counts, and its scores shift by a few thousandths, so figures compare only under one scorer file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(raw).hexdigest()[:12]
 
 
 def _load_scorer(path: Path, device: torch.device, data: str, image_shape: list[int], num_classes: int) -> DomainScorer:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        raw = path.read_bytes()  # read once: the digest and the checkpoint come from the same bytes
+        checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unreadable file means the same to the user
         raise UserError(
             f"model.scorer.ckpt_path: '{path}' is not a readable checkpoint ({type(error).__name__})"
         ) from None
-    log.info("scoring classifier %s (sha256 %s)", path, file_digest(path))
+    log.info("scoring classifier %s (sha256 %s)", path, short_digest(raw))
     if isinstance(checkpoint, dict) and checkpoint.get("kind") == "zoo.gan.scorer":
         if checkpoint.get("data") != data:
             raise UserError(
