@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from zoo.data.tensor import TensorDataModule
-from zoo.run import build_model
+from zoo.run import build_model, build_trainer
 
 WARMUP_EPOCHS = 1
 PROFILE_EPOCHS = 5
@@ -221,10 +221,8 @@ def zoo_fit(cfg: DictConfig, device: torch.device, profile: bool = False) -> Tim
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
-    callbacks = [timer, *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     extra = {"profiler": profiler} if profiler is not None else {}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    trainer = build_trainer(cfg, (timer,), **extra)
     trainer.fit(model, datamodule=datamodule)
     timing = timer.timing()
     if profiler is not None:

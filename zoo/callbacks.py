@@ -1,13 +1,103 @@
-"""Callbacks shared by every Lightning task."""
+"""Callbacks and the checkpoint plug-in shared by every Lightning task."""
 
 from __future__ import annotations
 
+import io
+import math
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from zoo.errors import TrainingDiverged
+from zoo.records import atomic_write_bytes, load_checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint plug-in with a same-folder temporary file and weights-only loading.
+
+    Lightning's own atomic save goes through a temporary file in the system temp folder; when the run folder is
+    on another filesystem (a Docker volume, a tmpfs), the final move becomes a copy that a kill can tear.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(Path(path), buffer.getvalue())
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        return load_checkpoint(path)
+
+
+class DivergenceGuard(Callback):
+    """Stop a run at the first NaN or infinite training loss, and never let non-finite weights into a checkpoint.
+
+    The loss a training step returns is checked every step on the CPU; on an accelerator the check would wait for
+    the device, so there the verdicts gather on the device and are read every `trainer.log_every_n_steps` steps.
+    Tasks that optimize by hand return no loss; their logged `train/*` values are checked at the same cadence.
+    Checkpoints are checked as they are written, so a run that slips past both still keeps no poisoned file.
+    """
+
+    def __init__(self) -> None:
+        self._pending: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            finite = torch.isfinite(loss.detach()).all()
+            if loss.device.type == "cpu":
+                if not finite:
+                    self._stop(trainer, "the training loss", float(loss.detach().float().sum()))
+            else:
+                self._pending = finite if self._pending is None else self._pending & finite
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._check_pending_and_logged(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check_pending_and_logged(trainer)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        for name, value in pl_module.named_parameters():  # metric states such as a running max start at -inf
+            if not torch.isfinite(value.detach()).all():
+                raise TrainingDiverged(
+                    f"training diverged: weight {name} is not finite at epoch {trainer.current_epoch}, "
+                    f"step {trainer.global_step}; no checkpoint was written with it and "
+                    f"{last_good_checkpoint(trainer)}; try a lower learning rate or gradient clipping"
+                )
+
+    def _check_pending_and_logged(self, trainer: Any) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            if not bool(pending):
+                self._stop(trainer, "the training loss", float("nan"))
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith("train/") and torch.is_tensor(value) and value.numel() == 1:
+                number = float(value)
+                if not math.isfinite(number):
+                    self._stop(trainer, name, number)
+
+    @staticmethod
+    def _stop(trainer: Any, name: str, value: float) -> None:
+        raise TrainingDiverged(
+            f"training diverged: {name} is {value} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+            f"{last_good_checkpoint(trainer)}; try a lower learning rate or gradient clipping"
+        )
+
+
+def last_good_checkpoint(trainer: Any) -> str:
+    """The newest checkpoint written so far (last.ckpt on a tie): every one of them predates the divergence."""
+    folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+    written = [p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt")]
+    if not written:
+        return "no checkpoint was written yet"
+    newest = max(written, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"))
+    return f"the last good checkpoint is {newest}"
 
 
 class LearningRates(Callback):

@@ -5,7 +5,6 @@ The command-line scripts are thin Hydra wrappers around these; tests call them d
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,6 +15,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zoo.errors import UserError
+from zoo.records import (
+    flat_hparams,
+    format_table,
+    load_lightning_checkpoint,
+    saved_run_config,
+    write_json,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
@@ -63,17 +70,11 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     import lightning as L
     import torch
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ProgressBar
-
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    if not cfg.trainer.get("enable_progress_bar", True):  # so that trainer.enable_progress_bar=false just works
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg)
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
@@ -87,12 +88,12 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         best = checkpoint.best_model_path if checkpoint is not None and cfg.get("train", True) else ""
         if not best and not cfg.get("train", True):
             best = ckpt_path or ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(_floats(trainer.callback_metrics))
 
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_metrics(output_dir / "metrics.json", metrics)
         _log_hparams(trainer, cfg, metrics)
     return metrics
 
@@ -122,7 +123,7 @@ def cross_validate(cfg: DictConfig, output_dir: Path, folds: int) -> dict[str, f
         "mean": {k: v for k, v in summary.items() if not k.endswith("_std")},
         "std": {k[:-4]: v for k, v in summary.items() if k.endswith("_std")},
     }
-    (output_dir / "cv.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_json(output_dir / "cv.json", report)
     _write_scalars(output_dir / "tensorboard" / "cv", {f"cv/{k}": v for k, v in summary.items()})
     print(f"\n{folds}-fold cross-validation (mean ± std over folds)")
     print(
@@ -137,7 +138,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model and data from the config saved in the checkpoint's run folder and score it."""
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = Path(cfg.ckpt_path)
-    run_cfg = saved_run_config(ckpt_path)
+    run_cfg = saved_run_config(ckpt_path, trust=bool(cfg.get("trust_config", False)))
     if cfg.get("scorer_ckpt_path"):  # before any family branches off: a run without a scorer refuses the key
         _swap_scorer(run_cfg, str(cfg.scorer_ckpt_path), ckpt_path)
     if is_boosted(run_cfg):
@@ -172,9 +173,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if split not in ("test", "val"):
         raise UserError(f"split: unknown '{split}'; allowed: test, val")
     run = trainer.test if split == "test" else trainer.validate
-    metrics = _floats(run(model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=False)[0])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    metrics = _floats(run(model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=True)[0])
+    write_metrics(output_dir / "metrics.json", metrics)
     print(f"\n{split} metrics of {ckpt_path}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
     return metrics
@@ -194,16 +194,31 @@ def _swap_scorer(run_cfg: DictConfig, scorer_path: str, ckpt_path: Path) -> None
 
 def _run_eval_mode(cfg: DictConfig, model: Any, ckpt_path: Path, mode: str) -> dict[str, float]:
     """Modes other than scoring belong to a family: its task lists them in `eval_modes` and runs them."""
-    import torch
-
     offered = tuple(getattr(model, "eval_modes", ()))
     if mode not in offered:
         raise UserError(
             f"mode: '{mode}' is not offered by {type(model).__name__}; allowed: {', '.join(('score', *offered))}"
         )
-    model.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
+    model.load_state_dict(load_lightning_checkpoint(ckpt_path)["state_dict"])
     model.eval()
     return model.run_eval_mode(mode, cfg) or {}
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = (), **kwargs: Any) -> Any:
+    """The trainer of the config's callbacks and loggers, plus what every run has whatever the config says:
+    a divergence guard, and checkpoints written atomically and loaded without running code."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from zoo.callbacks import AtomicCheckpointIO, DivergenceGuard
+
+    callbacks = [*extra_callbacks, *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
+    callbacks.append(DivergenceGuard())
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # so that trainer.enable_progress_bar=false just works
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    plugins = [*(instantiate(p) for p in cfg.trainer.get("plugins") or []), AtomicCheckpointIO()]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **kwargs)
 
 
 def is_boosted(cfg: DictConfig) -> bool:
@@ -220,33 +235,10 @@ def build_model(cfg: DictConfig) -> Any:
     return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, monitor=cfg.get("monitor", "val/loss"))
 
 
-def saved_run_config(ckpt_path: Path) -> DictConfig:
-    """The config saved with a run: `<run>/checkpoints/x.ckpt` -> `<run>/config.yaml` (or `.hydra/config.yaml`)."""
-    if not ckpt_path.is_file():
-        raise UserError(f"ckpt_path: no file at '{ckpt_path}'")
-    for folder in list(ckpt_path.resolve().parents)[:3]:
-        for candidate in (folder / "config.yaml", folder / ".hydra" / "config.yaml"):
-            if candidate.is_file():
-                return OmegaConf.load(candidate)
-    raise UserError(
-        f"ckpt_path: found no config.yaml or .hydra/config.yaml in the run folder of '{ckpt_path}'; "
-        "evaluate needs the config the checkpoint was trained with"
-    )
-
-
 def check_checkpoint(ckpt_path: str, model: Any) -> None:
     """Turn a missing, unreadable or mismatched checkpoint into one clear line before Lightning touches it."""
-    import torch
-
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"ckpt_path: no file at '{path}'")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
-        raise UserError(f"ckpt_path: '{path}' is not a readable checkpoint ({type(error).__name__})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"ckpt_path: '{path}' is not a Lightning checkpoint (it has no state_dict)")
+    checkpoint = load_lightning_checkpoint(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
@@ -260,16 +252,13 @@ def check_checkpoint(ckpt_path: str, model: Any) -> None:
         raise UserError(f"ckpt_path: '{path}' was written by a different model ({detail})")
 
 
-def format_table(rows: dict[str, str]) -> str:
-    width = max((len(k) for k in rows), default=6)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
-    lines += [f"{k:<{width}}  {v}" for k, v in sorted(rows.items())]
-    return "\n".join(lines)
-
-
 def _start(cfg: DictConfig, output_dir: Path) -> None:
-    """Before a run: refuse a used run folder, enforce tags, save the resolved config, print it."""
-    is_child = "LOCAL_RANK" in os.environ and os.environ.get("LOCAL_RANK") != "0"
+    """Before a run: refuse a used run folder, enforce tags, save the resolved config, print it.
+
+    Only the first process of a distributed run writes the config: RANK under torchrun, where every node has
+    a LOCAL_RANK 0 sharing the folder; LOCAL_RANK for Lightning's own DDP child processes, which get no RANK.
+    """
+    is_child = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0"
     checkpoints = output_dir / "checkpoints"
     if not is_child and checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise UserError(f"run folder '{output_dir}' already holds checkpoints; a new run needs a new folder")
@@ -294,23 +283,6 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config keys that define the experiment, flattened to `a.b.c` with TensorBoard-friendly values."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    chosen = {k: resolved[k] for k in ("data", "model", "optimizer", "scheduler", "trainer", "seed") if k in resolved}
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        else:
-            flat[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
-
-    walk("", chosen)
-    return flat
-
-
 def _log_hparams(trainer: Any, cfg: DictConfig, metrics: dict[str, float]) -> None:
     """One hparams entry per run, with its final metrics, for TensorBoard's HPARAMS tab."""
     from zoo.tasks.figures import tensorboard_writer
@@ -321,7 +293,7 @@ def _log_hparams(trainer: Any, cfg: DictConfig, metrics: dict[str, float]) -> No
     from torch.utils.tensorboard.summary import hparams
 
     final = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
-    for summary in hparams(_flat_hparams(cfg), final):
+    for summary in hparams(flat_hparams(cfg), final):
         writer._get_file_writer().add_summary(summary)  # reopens the file Lightning closed after testing
     writer.flush()
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from zoo.boost.model import XGBoostModel
 from zoo.data.tabular import SPLITS, Table, table_from_config
 from zoo.errors import UserError
+from zoo.records import flat_hparams, format_table, write_metrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -105,14 +106,12 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(str(output_dir / "model.json"))
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_metrics(output_dir / "metrics.json", metrics)
     importance = booster.get_score(importance_type="gain")
     ranked = dict(sorted(importance.items(), key=lambda item: -item[1]))
     (output_dir / "feature_importance.json").write_text(json.dumps(ranked, indent=2) + "\n")
     if cfg.get("logger"):
         _log_tensorboard(output_dir / "tensorboard", cfg, curves, metrics, ranked, kept - 1)
-
-    from zoo.run import format_table
 
     print(f"\nXGBoost {table.task}, {kept} rounds: metrics of {output_dir}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items() if k.startswith(("val/", "test/"))}))
@@ -135,10 +134,8 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
         raise UserError(f"split: the run's {split} split is empty (data.{split}_fraction is 0)")
     metrics = score(table.task, y, predict(booster, x), split, table.num_classes)
 
-    from zoo.run import format_table
-
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_metrics(output_dir / "metrics.json", metrics)
     print(f"\n{split} metrics of {ckpt_path}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
     if cfg.get("data_path"):
@@ -304,8 +301,6 @@ def _log_tensorboard(
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    from zoo.run import _flat_hparams
-
     with SummaryWriter(str(folder)) as writer:
         for split, named in curves.items():
             for name, values in named.items():
@@ -317,7 +312,7 @@ def _log_tensorboard(
                 writer.add_scalar(name, value, last_round)
         if importance:
             writer.add_figure("feature_importance/gain", importance_chart(importance), last_round)
-        flat = {k: v for k, v in _flat_hparams(cfg).items() if k.startswith(("data.", "model.", "seed"))}
+        flat = {k: v for k, v in flat_hparams(cfg).items() if k.startswith(("data.", "model.", "seed"))}
         final = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
         for summary in hparams(flat, final):
             writer._get_file_writer().add_summary(summary)

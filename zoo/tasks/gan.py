@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import io
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric, MinMetric
 
-from zoo.errors import UserError
+from zoo.callbacks import last_good_checkpoint
+from zoo.errors import TrainingDiverged, UserError
 from zoo.metrics.generative import frechet_distance, generative_scores
 from zoo.nn.cnn import CNN
+from zoo.records import atomic_write_bytes, load_checkpoint_bytes, saved_run_config
 from zoo.tasks import figures
 
 log = logging.getLogger(__name__)
@@ -91,21 +92,6 @@ def ramped_decay(decay: float, steps: int) -> float:
     """min(decay, (1 + t) / (10 + t)) after t steps: an average over the steps so far until that exceeds `decay`'s
     horizon, so that a short run is not dominated by the random weights it started from."""
     return min(decay, (1 + steps) / (10 + steps))
-
-
-class TrainingDiverged(UserError):
-    """A loss became NaN or infinite: the run stops before the bad step reaches the weights."""
-
-
-def last_good_checkpoint(trainer: Any) -> str:
-    """The newest checkpoint written so far (last.ckpt on a tie): every one of them predates the divergence."""
-    callback = trainer.checkpoint_callback
-    folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
-    written = list(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
-    if not written:
-        return "no checkpoint was written yet"
-    newest = max(written, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"))
-    return f"the last good checkpoint is {newest}"
 
 
 def check_finite(name: str, value: torch.Tensor, trainer: Any, position: str) -> None:
@@ -211,14 +197,11 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
         accuracy = float((net(x_val.to(device)).argmax(1) == y_val.to(device)).float().mean())
     log.info("scoring classifier: %d steps, validation accuracy %.4f", steps, accuracy)
     if cache and path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
         state = {k: v.cpu() for k, v in net.state_dict().items()}
         scorer = {"kind": "zoo.gan.scorer", "net": kwargs, "state_dict": state, "accuracy": accuracy, "data": data}
         buffer = io.BytesIO()
         torch.save(scorer, buffer)
-        partial.write_bytes(buffer.getvalue())
-        os.replace(partial, path)
+        atomic_write_bytes(path, buffer.getvalue())
         log.info("scoring classifier cached at %s (sha256 %s)", path, short_digest(buffer.getvalue()))
     return DomainScorer(net, (-1.0, 1.0), accuracy)
 
@@ -230,13 +213,8 @@ def short_digest(raw: bytes) -> str:
 
 
 def _load_scorer(path: Path, device: torch.device, data: str, image_shape: list[int], num_classes: int) -> DomainScorer:
-    try:
-        raw = path.read_bytes()  # read once: the digest and the checkpoint come from the same bytes
-        checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable file means the same to the user
-        raise UserError(
-            f"model.scorer.ckpt_path: '{path}' is not a readable checkpoint ({type(error).__name__})"
-        ) from None
+    raw = path.read_bytes()  # read once: the digest and the checkpoint come from the same bytes
+    checkpoint = load_checkpoint_bytes(raw, path, "model.scorer.ckpt_path")
     log.info("scoring classifier %s (sha256 %s)", path, short_digest(raw))
     if isinstance(checkpoint, dict) and checkpoint.get("kind") == "zoo.gan.scorer":
         if checkpoint.get("data") != data:
@@ -250,9 +228,7 @@ def _load_scorer(path: Path, device: torch.device, data: str, image_shape: list[
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:  # a zoo classification run
         from hydra.utils import instantiate
 
-        from zoo.run import saved_run_config
-
-        run_cfg = saved_run_config(path)
+        run_cfg = saved_run_config(path, key="model.scorer.ckpt_path")
         net_cfg = run_cfg.model.get("net", {})
         trained_on = (list(net_cfg.get("input_shape", [])), net_cfg.get("num_classes"))
         if trained_on != (image_shape, num_classes):

@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 
 from zoo.errors import UserError
 from zoo.metrics.generative import frechet_distance
+from zoo.records import load_checkpoint
 from zoo.tasks.gan import (
     GANTask,
     discriminator_loss,
@@ -201,7 +202,7 @@ class PGGANTask(GANTask):
 
     def run_eval_mode(self, mode: str, cfg: Any) -> dict[str, float]:
         """`evaluate.py mode=sample`: the fixed-noise grid at the checkpoint's phase (its step count says which)."""
-        saved = torch.load(str(cfg.ckpt_path), map_location="cpu", weights_only=False)
+        saved = load_checkpoint(str(cfg.ckpt_path))
         self.on_load_checkpoint(saved)
         return super().run_eval_mode(mode, cfg)
 

@@ -1,0 +1,225 @@
+"""Files from elsewhere never run code, and a diverging run stops without keeping poisoned weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+
+from tests import test_cyclegan, test_dqn, test_gan, test_pggan, test_recommender, test_transformer
+from tests.conftest import run_script
+from zoo.errors import TrainingDiverged, UserError
+from zoo.records import check_targets, load_checkpoint, write_metrics
+from zoo.run import build_model, train
+
+QUIET = ["extras.print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+SHORT = [*QUIET, "model=logreg", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+
+
+class Payload:
+    """Unpickling this creates `marker`: what a malicious checkpoint would do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run folder of train.py, copied by each test before it is tampered with."""
+    root = tmp_path_factory.mktemp("trusted")
+    result = run_script("train.py", *SHORT, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = (root / "logs" / "train" / "runs").iterdir()
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copied_run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def poison_checkpoint(path: Path, marker: Path) -> None:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"] = {"note": Payload(marker)}
+    torch.save(checkpoint, path)
+
+
+def assert_refused(result: Any, marker: Path, *words: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert not marker.exists(), "the payload ran"
+    assert lines[-1].startswith("error: "), lines[-5:]
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[-1], lines[-1]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_every_checkpoint_the_zoo_writes_loads_weights_only(trained_run: Path) -> None:
+    for path in (trained_run / "checkpoints").glob("*.ckpt"):
+        assert "state_dict" in load_checkpoint(path)
+
+
+def test_a_pickle_payload_is_refused_in_one_line_naming_the_file_and_the_global(tmp_path: Path) -> None:
+    marker, path = tmp_path / "ran", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Payload(marker)}, path)
+    with pytest.raises(UserError, match=r"^ckpt_path: refused to load '.*evil.ckpt': it needs getattr, ") as error:
+        load_checkpoint(path)
+    assert "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("train.py", ["ckpt_path={ckpt}"]),  # resume
+        ("evaluate.py", ["ckpt_path={ckpt}"]),  # score
+        ("evaluate.py", ["ckpt_path={ckpt}", "split=val"]),
+        ("evaluate.py", ["ckpt_path={ckpt}", "mode=sample"]),  # a mode of another family: refused before loading
+    ],
+)
+def test_a_poisoned_checkpoint_never_runs_from_any_entry(
+    trained_run: Path, tmp_path: Path, script: str, args: list[str]
+) -> None:
+    run, marker = copy_run(trained_run, tmp_path), tmp_path / "ran"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    poison_checkpoint(ckpt, marker)
+    extra = SHORT if script == "train.py" else []
+    result = run_script(script, *extra, *(a.format(ckpt=ckpt) for a in args), cwd=tmp_path)
+    assert_refused(result, marker, str(ckpt))
+
+
+def test_a_poisoned_scorer_checkpoint_never_runs(trained_run: Path, tmp_path: Path) -> None:
+    from zoo.tasks.gan import _load_scorer
+
+    marker, scorer = tmp_path / "ran", tmp_path / "scorer.pt"
+    torch.save({"kind": "zoo.gan.scorer", "net": Payload(marker)}, scorer)
+    with pytest.raises(UserError, match=r"^model.scorer.ckpt_path: refused to load"):
+        _load_scorer(scorer, torch.device("cpu"), "data", [1, 28, 28], 10)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- run configs
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "pathlib.Path.touch",  # outside the allow-list
+        "torch.load",
+        "zoo.tasks.gan.torch.load",  # inside by name, outside by what it is
+        "zoo.records._finite",  # private
+        "builtins.exec",
+    ],
+)
+def test_a_run_config_naming_a_foreign_target_is_refused(trained_run: Path, tmp_path: Path, target: str) -> None:
+    run, marker = copy_run(trained_run, tmp_path), tmp_path / "ran"
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.data = {"_target_": target, "_args_": [str(marker)]}
+    OmegaConf.save(cfg, run / "config.yaml")
+    result = run_script("evaluate.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+    assert_refused(result, marker, "data._target_", target, "trust_config=true")
+
+
+def test_the_zoos_own_configs_pass_the_allow_list(trained_run: Path) -> None:
+    from tests.conftest import CONFIG_DIR, compose_config
+
+    check_targets(OmegaConf.load(trained_run / "config.yaml"), "run")
+    for experiment in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        check_targets(compose_config("train", [f"experiment={experiment.stem}"], Path("/nonexistent")), experiment.name)
+
+
+# ---------------------------------------------------------------- divergence
+
+
+class PoisonWeights(Callback):
+    """Fills the first parameter with NaN when epoch `at_epoch` starts, as an exploding update would."""
+
+    def __init__(self, at_epoch: int = 1) -> None:
+        self.at_epoch, self.name = at_epoch, ""
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.current_epoch == self.at_epoch:
+            self.name, parameter = next(iter(pl_module.named_parameters()))
+            with torch.no_grad():
+                parameter.fill_(float("nan"))
+
+
+def text_corpus(tmp_path: Path) -> str:
+    path = tmp_path / "corpus.txt"
+    path.write_text(test_transformer.TEXT, encoding="utf-8")
+    return f"data.path={path}"
+
+
+FAMILIES = {
+    "classification": ["model=mlp", "data=digits_flat", "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
+    "language_model": [*test_transformer.TINY_LM, "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
+    "seq2seq": [*test_transformer.TINY_S2S, "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
+    "mf": ["experiment=mf_synthetic", *test_recommender.SMALL, "trainer.max_epochs=3"],
+    "mf_implicit": ["experiment=mf_implicit_synthetic", "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
+    "dqn": [*test_dqn.TINY, "trainer.max_epochs=3"],
+    "gan": ["model=dcgan", *test_gan.TINY, "trainer.max_epochs=3"],
+    "pggan": test_pggan.TINY,
+    "cyclegan": [*test_cyclegan.TINY, *test_cyclegan.NO_SCORER, "trainer.max_epochs=3"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_divergence_stops_every_family_and_keeps_no_poisoned_checkpoint(
+    train_config, tmp_path: Path, family: str
+) -> None:
+    settings = [*FAMILIES[family], "logger=none", "callbacks.model_checkpoint.save_top_k=-1"]
+    if family == "language_model":
+        settings.append(text_corpus(tmp_path))
+    cfg = train_config(*settings, "+callbacks.poison._target_=tests.test_trust.PoisonWeights")
+    with pytest.raises(TrainingDiverged) as error:
+        train(cfg)
+    message = str(error.value)
+    assert message.startswith("training diverged: ") and "\n" not in message
+    assert "the last good checkpoint is " in message, message
+    good = Path(message.split("the last good checkpoint is ")[1].split(";")[0])
+    assert good.is_file()
+    run = Path(cfg.paths.output_dir)
+    assert not (run / "metrics.json").exists()
+    poisoned, _ = next(iter(build_model(cfg).named_parameters()))
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert checkpoints
+    for path in checkpoints:
+        assert torch.isfinite(load_checkpoint(path)["state_dict"][poisoned]).all(), path
+
+
+def test_a_diverging_run_ends_in_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    result = run_script(
+        "train.py", *QUIET, "experiment=cnn_digits", "optimizer.lr=1e6", "trainer.max_epochs=3", cwd=tmp_path
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines[-1].startswith("error: training diverged: "), lines[-3:]
+    assert "Traceback" not in result.stderr
+    for path in tmp_path.rglob("*.ckpt"):
+        weights = load_checkpoint(path)["state_dict"]
+        assert all(torch.isfinite(v).all() for k, v in weights.items() if k.startswith("net.")), path
+
+
+def test_metrics_files_are_strict_json(tmp_path: Path) -> None:
+    write_metrics(tmp_path / "metrics.json", {"val/loss": float("nan"), "val/acc": 0.5, "test/x": float("inf")})
+    text = (tmp_path / "metrics.json").read_text()
+    loaded = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert loaded == {
+        "val/loss": None,
+        "val/acc": 0.5,
+        "test/x": None,
+        "non_finite": {"val/loss": "nan", "test/x": "inf"},
+    }
