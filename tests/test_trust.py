@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from tests import test_cyclegan, test_dqn, test_gan, test_pggan, test_recommender, test_transformer
 from tests.conftest import run_script
+from zoo.callbacks import AtomicCheckpointIO
 from zoo.errors import TrainingDiverged, UserError
 from zoo.records import check_targets, load_checkpoint, write_metrics
 from zoo.run import build_model, train
@@ -223,3 +224,106 @@ def test_metrics_files_are_strict_json(tmp_path: Path) -> None:
         "test/x": None,
         "non_finite": {"val/loss": "nan", "test/x": "inf"},
     }
+
+
+# ---------------------------------------------------------------- torn checkpoints
+
+
+KILLED_WHILE_SAVING = """
+import os, sys, time
+import torch
+from zoo.callbacks import AtomicCheckpointIO
+
+io, target = AtomicCheckpointIO(), sys.argv[1]
+io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "version": 1}, target)
+
+def stall(fd):  # the new checkpoint is written but not yet in place: the instant a kill is most harmful
+    print("writing", flush=True)
+    time.sleep(600)
+
+os.fsync = stall
+io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "version": 2}, target)
+"""
+
+
+def test_a_kill_in_the_middle_of_a_checkpoint_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    system_temp, target = tmp_path / "system_temp", tmp_path / "checkpoints" / "last.ckpt"
+    system_temp.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_SAVING, str(target)],
+        env={**os.environ, "TMPDIR": str(system_temp)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "writing"
+    process.kill()
+    process.wait()
+    assert load_checkpoint(target)["version"] == 1
+    assert not any(system_temp.iterdir())
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "version": 3}, target)  # the next save works
+    assert load_checkpoint(target)["version"] == 3
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_instant_leaves_every_checkpoint_loadable(tmp_path: Path) -> None:
+    """Checkpoints of ~50 MB on a tmpfs while the system temp folder is on another filesystem: where a move
+    across filesystems is a copy, a kill in the middle of it would leave a torn last.ckpt."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from tests.conftest import ROOT
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temp folder")
+    log_dir = shm / f"zoo-test-{uuid.uuid4().hex}"
+    system_temp = tmp_path / "system_temp"
+    system_temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(system_temp), "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    settings = [
+        *QUIET,
+        "model=mlp",
+        "data=digits_flat",
+        "model.net.hidden_sizes=[2048,2048]",
+        "trainer.max_epochs=1000",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.monitor=null",  # a new epoch_*.ckpt every epoch as well as last.ckpt
+        "logger=none",
+        f"paths.log_dir={log_dir}",
+        "test=false",
+    ]
+    pause = random.Random(0)  # the kill instants: spread over the save cycle, the same in every test run
+    try:
+        for attempt in range(8):
+            run = log_dir / f"run{attempt}"
+            process = subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), *settings, f"hydra.run.dir={run}"],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 120
+            while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(pause.uniform(0.0, 1.5))
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            written = sorted((run / "checkpoints").glob("*.ckpt"))
+            assert written, "the run wrote no checkpoint before it was killed"
+            for path in written:
+                assert "state_dict" in load_checkpoint(path), path
+        assert not any(system_temp.iterdir()), sorted(system_temp.iterdir())
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
