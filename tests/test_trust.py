@@ -327,3 +327,26 @@ def test_a_kill_at_any_instant_leaves_every_checkpoint_loadable(tmp_path: Path) 
         assert not any(system_temp.iterdir()), sorted(system_temp.iterdir())
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- same seed, same run
+
+
+@pytest.mark.parametrize("family", ["gan", "pggan", "cyclegan"])
+def test_training_the_scorer_first_does_not_change_the_run(train_config, family: str) -> None:
+    """The first run trains and caches the scoring classifier, the second loads it: the GAN ends the same."""
+    from tests.conftest import checkpoint
+
+    settings = [*FAMILIES[family], "logger=none", "test=false"]
+    if family == "cyclegan":
+        settings = [s for s in settings if s != "model.scorer=null"] + test_cyclegan.SMALL_SCORER
+    first, second = (train_config(*settings, folder=name) for name in ("without_cache", "with_cache"))
+    scorers = Path(first.paths.data_dir) / "scorers"
+    assert not scorers.exists()
+    train(first)
+    assert any(scorers.iterdir()), "the first run caches its scorer"
+    train(second)
+    a, b = (checkpoint(cfg)["state_dict"] for cfg in (first, second))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
