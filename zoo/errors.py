@@ -7,3 +7,12 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """A loss or a weight became NaN or infinite: the run stops and keeps only the checkpoints written before."""
+
+
+def check_split_fractions(val_fraction: object, test_fraction: object) -> None:
+    """The held-out shares of a dataset, checked where the config names them rather than deep in a splitter."""
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise UserError(f"data.{key}: expected a number in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1:  # type: ignore[operator]
+        raise UserError(f"data.val_fraction + data.test_fraction must be < 1, got {val_fraction + test_fraction}")  # type: ignore[operator]

@@ -18,6 +18,7 @@ from zoo.errors import UserError
 from zoo.records import (
     flat_hparams,
     format_table,
+    load_checkpoint,
     load_lightning_checkpoint,
     saved_run_config,
     write_json,
@@ -35,7 +36,9 @@ def train(cfg: DictConfig) -> float | None:
     """
     output_dir = Path(cfg.paths.output_dir)
     _start(cfg, output_dir)
-    folds = int(cfg.get("cv", {}).get("folds", 1))
+    folds = (cfg.get("cv") or {}).get("folds", 1)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise UserError(f"cv.folds: expected an integer >= 2 for k-fold cross-validation, or 1 for none; got {folds!r}")
     metrics = cross_validate(cfg, output_dir, folds) if folds > 1 else fit_and_test(cfg, output_dir)
     _close_process_group()
     value = metrics.get(cfg.optimized_metric)
@@ -136,6 +139,7 @@ def cross_validate(cfg: DictConfig, output_dir: Path, folds: int) -> dict[str, f
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model and data from the config saved in the checkpoint's run folder and score it."""
+    _check_eval_keys(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = Path(cfg.ckpt_path)
     run_cfg = saved_run_config(ckpt_path, trust=bool(cfg.get("trust_config", False)))
@@ -180,6 +184,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+# evaluate.py's counts: the key, the smallest value allowed, and whether null is allowed
+EVAL_COUNTS = (("episodes", 1, False), ("max_new_tokens", 1, False), ("top_k", 1, True), ("batch_size", 1, True))
+
+
+def _check_eval_keys(cfg: DictConfig) -> None:
+    for key, minimum, nullable in EVAL_COUNTS:
+        value = cfg.get(key)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            allowed = f"an integer >= {minimum}" + (" or null" if nullable else "")
+            raise UserError(f"{key}: expected {allowed}, got {value!r}")
+    temperature = cfg.get("temperature", 0.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise UserError(f"temperature: expected a number >= 0, got {temperature!r}")
+
+
 def _swap_scorer(run_cfg: DictConfig, scorer_path: str, ckpt_path: Path) -> None:
     """Scores a generator with another classifier than the one its run was trained with."""
     if "ckpt_path" not in (run_cfg.model.get("scorer") or {}):
@@ -187,8 +208,7 @@ def _swap_scorer(run_cfg: DictConfig, scorer_path: str, ckpt_path: Path) -> None
             f"scorer_ckpt_path: the run of '{ckpt_path}' has no model.scorer.ckpt_path to replace; "
             "allowed: GAN and PGGAN runs, which one classifier scores"
         )
-    if not Path(scorer_path).expanduser().is_file():
-        raise UserError(f"scorer_ckpt_path: no file at '{scorer_path}'")
+    load_checkpoint(Path(scorer_path).expanduser(), key="scorer_ckpt_path")  # unreadable files are named as this key
     run_cfg.model.scorer.ckpt_path = scorer_path
 
 

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from zoo.data.bundled import read_mnist_5k
 from zoo.data.tensor import InMemoryDataModule, TensorBatches, stratified_split
 from zoo.data.vision import file_loader
-from zoo.errors import UserError
+from zoo.errors import UserError, check_split_fractions
 
 STYLES = ("invert", "dilate")
 
@@ -84,6 +84,7 @@ class DigitDomainsDataModule(InMemoryDataModule):
         data_dir: str = "data",
     ) -> None:
         super().__init__()
+        check_split_fractions(val_fraction, test_fraction)
         if style not in STYLES:
             raise UserError(f"data.style: unknown '{style}'; allowed: {', '.join(STYLES)}")
         if batch_size < 1:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from zoo.errors import UserError
+from zoo.errors import UserError, check_split_fractions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,11 +70,7 @@ class Table:
             raise UserError("data.path: no CSV file given; use data=tabular_csv data.path=<file.csv> data.target=<col>")
         if dataset == "csv" and not target:
             raise UserError(f"data.target: name the column to predict, e.g. data.target=<column of {path}>")
-        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise UserError(f"data.{key}: expected a number in [0, 1), got {value!r}")
-        if val_fraction + test_fraction >= 1:
-            raise UserError(f"data.val_fraction + data.test_fraction must be < 1, got {val_fraction + test_fraction}")
+        check_split_fractions(val_fraction, test_fraction)
         if not isinstance(folds, int) or folds < 1 or not isinstance(fold, int) or not 0 <= fold < folds:
             raise UserError(
                 f"data.fold must be in [0, data.folds) with data.folds >= 1, got fold={fold}, folds={folds}"

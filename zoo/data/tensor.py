@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from zoo.data.augment import BatchAugment
-from zoo.errors import UserError
+from zoo.errors import UserError, check_split_fractions
 
 
 class TensorBatches:
@@ -156,6 +156,7 @@ class TensorDataModule(InMemoryDataModule):
         data_dir: str = "data",
     ) -> None:
         super().__init__()
+        check_split_fractions(val_fraction, test_fraction)
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if not 0 <= fold < max(folds, 1):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from zoo.data.tensor import TensorDataModule, stratified_split
-from zoo.errors import UserError
+from zoo.errors import UserError, check_split_fractions
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
@@ -194,6 +194,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         data_dir: str = "data",
     ) -> None:
         super().__init__()
+        check_split_fractions(val_fraction, test_fraction)
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.root, self.input_shape, self.num_classes = Path(str(root)).expanduser(), tuple(input_shape), num_classes
