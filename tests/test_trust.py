@@ -350,3 +350,59 @@ def test_training_the_scorer_first_does_not_change_the_run(train_config, family:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["trainer.max_epochs=abc"], "error: trainer.max_epochs: expected an integer, got 'abc'"),
+        (["optimizer.lr=abc"], "error: optimizer.lr: expected a number, got 'abc'"),
+        (["trainer.deterministic=maybe"], "error: trainer.deterministic: expected true or false, got 'maybe'"),
+        (["cv.folds=0"], "error: cv.folds: expected an integer >= 2 for k-fold cross-validation, or 1 for none"),
+        (["cv.folds=-1"], "error: cv.folds: expected an integer >= 2"),
+        (["data.val_fraction=1.5"], "error: data.val_fraction: expected a number in [0, 1), got 1.5"),
+    ],
+)
+def test_bad_values_are_named_by_their_key_even_in_a_fast_dev_run(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    result = run_script("train.py", *QUIET, "debug=fdr", *args, cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-1500:]
+    assert errors[0].startswith(expected), errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("episodes=0", "episodes: expected an integer >= 1, got 0"),
+        ("max_new_tokens=-5", "max_new_tokens: expected an integer >= 1, got -5"),
+        ("batch_size=-3", "batch_size: expected an integer >= 1 or null, got -3"),
+        ("temperature=-1", "temperature: expected a number >= 0, got -1"),
+    ],
+)
+def test_bad_evaluation_settings_are_refused_before_anything_is_loaded(
+    trained_run: Path, tmp_path: Path, override: str, expected: str
+) -> None:
+    from tests.conftest import compose_config
+    from zoo.run import evaluate
+
+    cfg = compose_config("eval", [f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", override], tmp_path)
+    with pytest.raises(UserError, match=f"^{expected}$"):
+        evaluate(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_scorer_is_blamed_on_scorer_ckpt_path(tmp_path: Path) -> None:
+    from zoo.run import _swap_scorer
+
+    garbage = tmp_path / "scorer.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    run_cfg = OmegaConf.create({"model": {"scorer": {"ckpt_path": "cached.pt"}}})
+    with pytest.raises(UserError, match=r"^scorer_ckpt_path: '.*scorer.pt' is not a readable checkpoint"):
+        _swap_scorer(run_cfg, str(garbage), tmp_path / "run.ckpt")
+    assert run_cfg.model.scorer.ckpt_path == "cached.pt"

@@ -54,6 +54,8 @@ def load_checkpoint_bytes(raw: bytes, path: str | Path, key: str) -> Any:
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):  # not a refusal: the bytes are no pickle at all
+            raise UserError(f"{key}: '{path}' is not a readable checkpoint (UnpicklingError)") from None
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(error))
         what = f"it needs {found.group(1)}, which " if found else "it holds an object that "
         raise UserError(
