@@ -54,13 +54,12 @@ def load_checkpoint_bytes(raw: bytes, path: str | Path, key: str) -> Any:
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):  # not a refusal: the bytes are no pickle at all
-            raise UserError(f"{key}: '{path}' is not a readable checkpoint (UnpicklingError)") from None
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(error))
-        what = f"it needs {found.group(1)}, which " if found else "it holds an object that "
+        if found is None:  # no code named: the bytes are not a checkpoint at all
+            raise UserError(f"{key}: '{path}' is not a readable checkpoint (UnpicklingError)") from None
         raise UserError(
-            f"{key}: refused to load '{path}': {what}only code could rebuild; a zoo checkpoint holds tensors and "
-            "plain values only"
+            f"{key}: refused to load '{path}': it needs {found.group(1)}, which only code could rebuild; "
+            "a zoo checkpoint holds tensors and plain values only"
         ) from None
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file means the same to the user
         raise UserError(f"{key}: '{path}' is not a readable checkpoint ({type(error).__name__})") from None
