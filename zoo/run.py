@@ -47,6 +47,24 @@ def train(cfg: DictConfig) -> float | None:
     return value
 
 
+def quiet_lightning_logging() -> None:
+    """Each Lightning line once: the `lightning` package prints through a handler of its own and then passes the
+    line on to the root logger, which Hydra already prints to the console and the run's log file."""
+    import lightning  # noqa: F401 - importing it installs the handler
+
+    root, package = logging.getLogger(), logging.getLogger("lightning")
+    if root.handlers:
+        for handler in list(package.handlers):
+            package.removeHandler(handler)
+    if not any(isinstance(f, _NoAdverts) for f in logging.getLogger("lightning.pytorch.utilities.rank_zero").filters):
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in str(record.msg)
+
+
 def _close_process_group() -> None:
     """Ends a DDP run in step on every rank.
 
@@ -73,6 +91,8 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     import lightning as L
     import torch
     from hydra.utils import instantiate
+
+    quiet_lightning_logging()
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
     datamodule = instantiate(cfg.data)
@@ -154,6 +174,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    quiet_lightning_logging()
     if cfg.get("batch_size"):
         run_cfg.data.eval_batch_size = cfg.batch_size
     datamodule = instantiate(run_cfg.data)
@@ -177,7 +198,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if split not in ("test", "val"):
         raise UserError(f"split: unknown '{split}'; allowed: test, val")
     run = trainer.test if split == "test" else trainer.validate
-    metrics = _floats(run(model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=True)[0])
+    with warnings.catch_warnings():  # scoring needs none of the training callbacks whose states the file holds
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
+        scored = run(model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=True, verbose=False)
+    metrics = _floats(scored[0])
     write_metrics(output_dir / "metrics.json", metrics)
     print(f"\n{split} metrics of {ckpt_path}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
