@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from tests import test_cyclegan, test_dqn, test_gan, test_pggan, test_recommender, test_transformer
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
 from zoo.callbacks import AtomicCheckpointIO
 from zoo.errors import TrainingDiverged, UserError
 from zoo.records import check_targets, load_checkpoint, write_metrics
@@ -71,6 +71,17 @@ def assert_refused(result: Any, marker: Path, *words: str) -> None:
 def test_every_checkpoint_the_zoo_writes_loads_weights_only(trained_run: Path) -> None:
     for path in (trained_run / "checkpoints").glob("*.ckpt"):
         assert "state_dict" in load_checkpoint(path)
+
+
+@pytest.mark.parametrize("optimizer", sorted(p.stem for p in (ROOT / "configs" / "optimizer").glob("*.yaml")))
+def test_checkpoints_load_weights_only_with_every_optimizer(train_config, optimizer: str) -> None:
+    settings = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "logger=none", "test=false"]
+    cfg = train_config("model=logreg", f"optimizer={optimizer}", *settings)
+    train(cfg)
+    written = list((Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"))
+    assert written
+    for path in written:
+        assert load_checkpoint(path)["optimizer_states"], path
 
 
 def test_a_pickle_payload_is_refused_in_one_line_naming_the_file_and_the_global(tmp_path: Path) -> None:

@@ -28,7 +28,9 @@ def evaluate_main() -> None:
 def _hydra_main(config_name: str, work: Callable[[Any], Any]) -> None:
     import hydra
 
-    args = sys.argv[1:]
+    from zoo import run_folder
+
+    args = [expand_home_and_variables(a) for a in sys.argv[1:]]
     if args[:1] == ["--help"]:
         with _one_line_errors():
             check_overrides(config_name, args[1:])
@@ -36,13 +38,28 @@ def _hydra_main(config_name: str, work: Callable[[Any], Any]) -> None:
         return
     with _one_line_errors():
         check_overrides(config_name, args)
+        # the run folder is made here, atomically, so that Hydra never writes into another run's folder;
+        # Hydra names the job after this file, the one holding the function it wraps
+        claim = run_folder.claim(CONFIG_DIR, config_name, args, job_name=Path(__file__).stem)
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def main(cfg: Any) -> Any:
         with _one_line_errors():
             return work(cfg)
 
-    main()
+    sys.argv = [sys.argv[0], *claim.args]  # Hydra, and Lightning's DDP child processes, read the command line
+    with claim.removed_on_failure():
+        main()
+
+
+def expand_home_and_variables(arg: str) -> str:
+    """`data.path=~/data/ml-100k` or `data.path=$DATA/ml-100k` as a shell would expand them: Hydra's override
+    grammar rejects a value that starts with `~`, and keeps `$NAME` as text."""
+    key, equals, value = arg.partition("=")
+    if not equals or key.startswith("-") or not (value.startswith("~") or "$" in value.replace("${", "")):
+        return arg
+    expanded = os.path.expandvars(os.path.expanduser(value)) if "${" not in value else os.path.expanduser(value)
+    return f"{key}={expanded}"
 
 
 def help_text(config_name: str, overrides: list[str]) -> str:
@@ -89,11 +106,6 @@ def _one_line_errors() -> Iterator[None]:
             raise
         print(f"error: {describe(error)}", file=sys.stderr)
         sys.exit(2)
-    except (ValueError, TypeError) as error:  # mostly a config value of the wrong kind; a bug shows its trace on demand
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {describe(error)} (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
-        sys.exit(2)
 
 
 def describe(error: BaseException) -> str:
@@ -139,11 +151,7 @@ def check_overrides(config_name: str, args: list[str]) -> None:
                 raise _user_error(f"{key}: no config '{choice}'; allowed: {', '.join(options)}")
     if overrides and "-m" not in args and "--multirun" not in args:
         _compose(config_name, overrides)
-    for override in overrides:
-        if override.startswith("hydra.run.dir=") and "LOCAL_RANK" not in os.environ:
-            run_dir = Path(override.split("=", 1)[1].strip("'\""))
-            if (run_dir / ".hydra").exists() or (run_dir / "checkpoints").exists():
-                raise _user_error(f"hydra.run.dir: '{run_dir}' holds an earlier run; choose a new folder")
+    # an existing hydra.run.dir or hydra.sweep.dir is refused by zoo.run_folder.claim, which creates the folder
 
 
 def _compose(config_name: str, overrides: list[str]) -> None:
@@ -154,7 +162,8 @@ def _compose(config_name: str, overrides: list[str]) -> None:
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name, overrides=job_overrides)
+            cfg = compose(config_name, overrides=job_overrides)
+            _check_value_kinds(config_name, job_overrides, cfg)
     except OverrideParseException as error:
         raise _user_error(f"cannot parse override: {describe(error)}") from error
     except MissingConfigException as error:
@@ -167,6 +176,34 @@ def _compose(config_name: str, overrides: list[str]) -> None:
             first_line = str(error).splitlines()[0].removeprefix("Could not override ").rstrip(".")
             raise _user_error(f"{first_line}: {str(cause).splitlines()[0]}") from error
         raise _user_error(describe(error)) from error
+
+
+# keys whose default is a number or a flag but which also take a word
+WORDS_FOR_NUMBERS = {"trainer.devices": ("auto",), "trainer.deterministic": ("warn",)}
+
+
+def _check_value_kinds(config_name: str, overrides: list[str], cfg: Any) -> None:
+    """A `key=value` whose default is a number or a flag must stay one: `trainer.max_epochs=abc` is refused here,
+    in one line naming the key, rather than deep inside the trainer as a comparison of int and str."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    plain = [o for o in overrides if o[:1] not in "+~" and "=" in o and not (CONFIG_DIR / o.split("=")[0]).is_dir()]
+    if not plain:
+        return
+    defaults = compose(config_name, overrides=[o for o in overrides if o not in plain])
+    for override in plain:
+        key = override.split("=", 1)[0]
+        default = OmegaConf.select(defaults, key, default=None, throw_on_resolution_failure=False)
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if not isinstance(value, str) or value in WORDS_FOR_NUMBERS.get(key, ()):
+            continue
+        if isinstance(default, bool):
+            raise _user_error(f"{key}: expected true or false, got {value!r}")
+        if isinstance(default, (int, float)):
+            raise _user_error(
+                f"{key}: expected {'an integer' if isinstance(default, int) else 'a number'}, got {value!r}"
+            )
 
 
 def _unknown_key_message(config_name: str, full_key: str, overrides: list[str]) -> str:

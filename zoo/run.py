@@ -271,12 +271,17 @@ def is_boosted(cfg: DictConfig) -> bool:
 
 
 def build_model(cfg: DictConfig) -> Any:
-    """The task module with its network, plus the optimizer and scheduler factories from their groups."""
+    """The task module with its network, plus the optimizer and scheduler factories from their groups.
+
+    Config lists and dicts arrive as plain Python ones (`_convert_="all"`): an optimizer's `betas` kept as a
+    ListConfig would be pickled into every checkpoint, which then could not load weights-only.
+    """
     from hydra.utils import instantiate
 
-    optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, monitor=cfg.get("monitor", "val/loss"))
+    optimizer = instantiate(cfg.optimizer, _convert_="all") if cfg.get("optimizer") else None
+    scheduler = instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None
+    monitor = cfg.get("monitor", "val/loss")
+    return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, monitor=monitor, _convert_="all")
 
 
 def check_checkpoint(ckpt_path: str, model: Any) -> None:
