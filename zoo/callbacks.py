@@ -153,3 +153,77 @@ def _numpy_state() -> tuple[Any, ...]:
     """NumPy's state with its key array as a tensor, so checkpoints load with torch.load(weights_only=True)."""
     name, keys, position, has_gauss, cached = np.random.get_state()
     return name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached
+
+
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C (SIGINT) or SIGTERM (what a cluster sends before it pre-empts a job), write `<dirpath>/last.ckpt`
+    and exit with 128 + the signal's number: 130 or 143.
+
+    Left to Lightning, Ctrl-C raises KeyboardInterrupt wherever the run is (inside an optimizer step, say), saves
+    nothing and exits with 1, and SIGTERM ends the run at a batch end without a checkpoint and exits with 0, as if it
+    had finished. While the fit loop runs, both signals here only take note; the next end of a training batch (or of
+    training) writes the checkpoint, where the state is whole and resumes like any other save. Signals that arrive
+    meanwhile are ignored, so a second Ctrl-C cannot cut the write short. Saving is collective: under DDP the ranks
+    first agree that one of them was signalled.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
+        from pathlib import Path
+
+        self.path = Path(dirpath) / filename
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        import signal
+        import threading
+
+        # a SIGTERM during setup or the sanity check went to Lightning's own handler, which only sets this flag
+        self.signum = int(signal.SIGTERM) if trainer.received_sigterm else None
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set signal handlers
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._stop_if_signalled(trainer)  # a signal during the last validation: no batch end comes after it
+        self._restore()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore()
+
+    def _stop_if_signalled(self, trainer: Any) -> None:
+        import signal
+        import sys
+
+        signalled = self.signum is not None
+        if trainer.world_size > 1:
+            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        if not signalled:
+            return
+        signum = self.signum or int(signal.SIGTERM)  # a rank that saw no signal stops like the one that did
+        trainer.save_checkpoint(self.path)
+        if trainer.is_global_zero:
+            print(
+                f"stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}: saved {self.path}; resume with ckpt_path={self.path}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(128 + signum)
+
+    def _restore(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(signum, handler)
+        self._previous = {}

@@ -29,8 +29,8 @@ from zoo.errors import UserError
 
 RUN_KEY, SWEEP_KEY = "hydra.run.dir", "hydra.sweep.dir"
 MAX_SUFFIX = 100  # a timestamped folder taken by another run gets `-1`, `-2`, ... up to this
-# what a run leaves that is worth keeping even when it then stops on a user error: a diverged run's curves, say
-RESULTS = ("*.ckpt", "model.json", "events.out.tfevents.*", "metrics.csv")
+# what a run leaves that is worth keeping even when it then stops on a user error
+RESULTS = ("*.ckpt", "model.json")
 # ranks > 0 wait this long for rank 0's folder; rank 0, after a failed start, this long for the others to stop
 RANK_TIMEOUT = timedelta(minutes=5)
 STOP_TIMEOUT_S = 30.0

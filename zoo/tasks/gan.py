@@ -158,8 +158,12 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
     datamodule.setup("fit")
     x, y = datamodule.splits["train"]
     data = f"{type(datamodule).__name__} {list(x.shape)}"  # what the scorer was trained on
+    devices = [device.index or 0] if device.type == "cuda" else []
     if path is not None and path.is_file():
-        return _load_scorer(path, device, data, list(x.shape[1:]), int(datamodule.num_classes))
+        # building the network draws initial weights; from the run's RNG, they would make a run whose scorer was
+        # cached differ from one that trained it
+        with torch.random.fork_rng(devices=devices):
+            return _load_scorer(path, device, data, list(x.shape[1:]), int(datamodule.num_classes))
     if path is not None and path.suffix == ".ckpt":
         raise UserError(f"model.scorer.ckpt_path: no classifier checkpoint at '{path}'")
     x_val, y_val = datamodule.splits["val"]
@@ -172,7 +176,6 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
     }
     epochs, batch_size = int(spec.get("epochs", 3)), int(spec.get("batch_size", 128))
     max_steps = spec.get("max_steps") if cache else 1
-    devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(spec.get("seed", 0)))
         net = CNN(**kwargs).to(device)
