@@ -211,7 +211,7 @@ def test_td_loss_falls_on_a_fixed_batch() -> None:
 def test_bad_input_is_one_clear_line(train_config, overrides: list[str], message: str) -> None:
     cfg = train_config("experiment=dqn_cartpole", *overrides)
     with pytest.raises(Exception) as caught:
-        instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None, monitor=cfg.monitor)
+        build_model(cfg)
     error = caught.value
     while not isinstance(error, UserError) and error.__cause__ is not None:  # Hydra wraps what the constructor raised
         error = error.__cause__

@@ -96,7 +96,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
     datamodule = instantiate(cfg.data)
-    model = build_model(cfg)
+    model = build_model(cfg, datamodule)
     trainer = build_trainer(cfg)
 
     ckpt_path = cfg.get("ckpt_path")
@@ -178,7 +178,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("batch_size"):
         run_cfg.data.eval_batch_size = cfg.batch_size
     datamodule = instantiate(run_cfg.data)
-    model = build_model(run_cfg)
+    model = build_model(run_cfg, datamodule)
     check_checkpoint(str(ckpt_path), model)
     mode = cfg.get("mode", "score")
     if cfg.get("render") and mode == "score":  # `render=true` asks for the family's render mode (DQN: a GIF)
@@ -270,8 +270,11 @@ def is_boosted(cfg: DictConfig) -> bool:
     return str(cfg.model.get("_target_", "")).startswith("zoo.boost.")
 
 
-def build_model(cfg: DictConfig) -> Any:
+def build_model(cfg: DictConfig, datamodule: Any | None = None) -> Any:
     """The task module with its network, plus the optimizer and scheduler factories from their groups.
+
+    A task whose tables or vocabulary are sized by the data takes the datamodule as `data`: the run's own one
+    when given, so that a run builds (and reads) its data once.
 
     Config lists and dicts arrive as plain Python ones (`_convert_="all"`): an optimizer's `betas` kept as a
     ListConfig would be pickled into every checkpoint, which then could not load weights-only.
@@ -281,7 +284,20 @@ def build_model(cfg: DictConfig) -> Any:
     optimizer = instantiate(cfg.optimizer, _convert_="all") if cfg.get("optimizer") else None
     scheduler = instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None
     monitor = cfg.get("monitor", "val/loss")
-    return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, monitor=monitor, _convert_="all")
+    extra = {}
+    if takes_data(cfg.model):
+        extra["data"] = datamodule if datamodule is not None else instantiate(cfg.data)
+    return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, monitor=monitor, _convert_="all", **extra)
+
+
+def takes_data(model_cfg: DictConfig) -> bool:
+    """Whether the task's constructor has a `data` parameter (recommenders, DQN, language models, seq2seq)."""
+    import inspect
+
+    from hydra._internal.utils import _locate
+
+    target = _locate(str(model_cfg.get("_target_", "")))
+    return "data" in inspect.signature(target).parameters and "data" not in model_cfg
 
 
 def check_checkpoint(ckpt_path: str, model: Any) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import csv
-import functools
 import io
 import logging
 from dataclasses import dataclass, field
@@ -270,7 +269,7 @@ def _rating_data(
 
 
 def read_movielens(path: str | Path, official_fold: int | None = None) -> RatingData:
-    """Read a MovieLens folder (100K, 1M or latest-small, told by its files); cached while the files are unchanged.
+    """Read a MovieLens folder (100K, 1M or latest-small, told by its files).
 
     `official_fold` k reads MovieLens 100K's u<k>.base + u<k>.test and marks the test rows.
     """
@@ -281,16 +280,9 @@ def read_movielens(path: str | Path, official_fold: int | None = None) -> Rating
             f"data.split=official: {MOVIELENS_NAMES[kind]} has no official split (only MovieLens 100K ships "
             "u1..u5.base/test); use data.split=random"
         )
-    stamps = tuple((p.name, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
-    return _read_cached(str(folder.resolve()), kind, official_fold, stamps)
-
-
-@functools.lru_cache(maxsize=2)
-def _read_cached(folder: str, kind: str, official_fold: int | None, stamps: tuple[tuple[str, int], ...]) -> RatingData:
-    """The model reads the data once to size its tables and the trainer once to batch it; the second is free."""
     if kind == "100k":
-        return _read_100k(Path(folder), official_fold)
-    return _read_1m(Path(folder)) if kind == "1m" else _read_latest(Path(folder))
+        return _read_100k(folder, official_fold)
+    return _read_1m(folder) if kind == "1m" else _read_latest(folder)
 
 
 def lookup(sorted_ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
@@ -307,8 +299,8 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
 
     The data are read and split when the module is built, not in setup(): the recommender's embedding
     tables are sized by the number of users and items, which MovieLens files only tell when read, and
-    the model is built (and a checkpoint's shapes checked) before Lightning calls setup(). The model
-    config therefore instantiates the data config too (`model.data: ${data}`); reading is cached.
+    the model is built (and a checkpoint's shapes checked) before Lightning calls setup(). zoo.run builds
+    the datamodule first and hands it to the model.
 
     Users and items are numbered over every rating in the data, so that the table sizes do not depend
     on the split or the fold; `user_known`/`item_known` say which ones have training data. Those

@@ -1,6 +1,6 @@
 """Recommenders: explicit rating prediction (RMSE, MAE) and implicit-feedback ranking (HR@k, NDCG@k).
 
-Both tasks take the rating datamodule itself (`model.data: ${data}` in their configs): the embedding
+Both tasks take the run's rating datamodule itself (`data`, handed over by zoo.run.build_model): the embedding
 tables are sized by its numbers of users and items, which MovieLens only tells once read, and the id
 maps, training statistics, titles and features come from it too (see zoo.data.ratings).
 """
