@@ -83,7 +83,7 @@ def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
     from hydra.utils import instantiate
 
     from zoo.metrics.generative import generative_scores
-    from zoo.tasks.gan import load_or_train_scorer
+    from zoo.metrics.scorer import load_or_train_scorer
 
     data = instantiate(cfg.data)
     data.setup("test")

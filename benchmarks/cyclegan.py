@@ -29,8 +29,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from zoo.metrics.generative import frechet_distance
+from zoo.metrics.scorer import load_or_train_scorer
 from zoo.run import train
-from zoo.tasks.gan import load_or_train_scorer
 
 COLUMNS = ("cycle_l1_aba", "cycle_l1_bab", "label_keep_ab", "label_keep_ba", "fid_ab", "fid_ba")
 TARGETS = {

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
 from zoo.data.gan import ImageFolderGANDataModule, MNIST5kGANDataModule, TorchvisionGANDataModule
-from zoo.errors import UserError
+from zoo.errors import TrainingDiverged, UserError
 from zoo.metrics.generative import (
     class_coverage,
     frechet_distance,
@@ -25,6 +25,7 @@ from zoo.metrics.generative import (
     inception_score,
     kl_to_uniform,
 )
+from zoo.metrics.scorer import load_or_train_scorer
 from zoo.nn.gan import (
     DCGANDiscriminator,
     DCGANGenerator,
@@ -33,7 +34,8 @@ from zoo.nn.gan import (
     start_size,
 )
 from zoo.run import build_model, evaluate, train
-from zoo.tasks.gan import GANTask, TrainingDiverged, gradient_penalty, load_or_train_scorer, ramped_decay, update_ema
+from zoo.tasks.adversarial import gradient_penalty, ramped_decay, update_ema
+from zoo.tasks.gan import GANTask
 
 MODELS = ("dcgan", "wgan", "wgan_gp", "sngan")
 # small networks and a briefly trained scorer, so that a run takes seconds on one CPU core
@@ -273,7 +275,7 @@ def test_scores_of_real_digits_beat_scores_of_noise(tmp_path: Path, real_digits,
     assert real["inception_score"] > fake["inception_score"] + 1
     assert real["confidence"] > fake["confidence"]
     # a second call loads the cache, names the file it scores with by its digest, and refuses data of another shape
-    with caplog.at_level(logging.INFO, logger="zoo.tasks.gan"):
+    with caplog.at_level(logging.INFO, logger="zoo.metrics.scorer"):
         assert load_or_train_scorer(spec, data, torch.device("cpu"), cache=True).accuracy == scorer.accuracy
     digest = hashlib.sha256((tmp_path / "scorer.pt").read_bytes()).hexdigest()[:12]
     assert f"scorer.pt (sha256 {digest})" in caplog.text

@@ -293,7 +293,7 @@ def test_a_cached_scorer_draws_no_random_numbers_of_the_run(tmp_path: Path) -> N
     (which forks the RNG), leaves the global random state alone."""
     from hydra.utils import instantiate
 
-    from zoo.tasks.gan import load_or_train_scorer
+    from zoo.metrics.scorer import load_or_train_scorer
 
     cfg = compose_config("train", [*QUICK, *PGGAN], tmp_path)
     data = instantiate(cfg.data)

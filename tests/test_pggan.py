@@ -344,7 +344,7 @@ def test_experiment_fast_dev_run_through_train_py_and_a_bad_input_in_one_line(tm
 
 
 def test_a_nan_loss_stops_the_run_in_one_line(train_config) -> None:
-    from zoo.tasks.gan import TrainingDiverged
+    from zoo.errors import TrainingDiverged
 
     cfg = train_config(*TINY, "logger=none", "test=false")
     model = build_model(cfg)

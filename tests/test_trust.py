@@ -114,12 +114,12 @@ def test_a_poisoned_checkpoint_never_runs_from_any_entry(
 
 
 def test_a_poisoned_scorer_checkpoint_never_runs(trained_run: Path, tmp_path: Path) -> None:
-    from zoo.tasks.gan import _load_scorer
+    from zoo.metrics.scorer import load_scorer
 
     marker, scorer = tmp_path / "ran", tmp_path / "scorer.pt"
     torch.save({"kind": "zoo.gan.scorer", "net": Payload(marker)}, scorer)
     with pytest.raises(UserError, match=r"^model.scorer.ckpt_path: refused to load"):
-        _load_scorer(scorer, torch.device("cpu"), "data", [1, 28, 28], 10)
+        load_scorer(scorer, torch.device("cpu"), "data", [1, 28, 28], 10)
     assert not marker.exists()
 
 

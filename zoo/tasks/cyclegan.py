@@ -28,12 +28,12 @@ from torchmetrics import MeanMetric, MinMetric
 
 from zoo.errors import UserError
 from zoo.metrics.generative import frechet_distance
+from zoo.metrics.scorer import DomainScorer, load_or_train_scorer
 from zoo.tasks import figures
-from zoo.tasks.gan import (
-    DomainScorer,
+from zoo.tasks.adversarial import (
     check_finite,
+    check_manual_optimization_settings,
     discriminator_loss,
-    load_or_train_scorer,
     refuse_automatic_only_settings,
 )
 
@@ -168,10 +168,7 @@ class CycleGANTask(L.LightningModule):
             raise UserError(
                 f"model.lambda_cycle / model.lambda_identity: must be >= 0, got {lambda_cycle}, {lambda_identity}"
             )
-        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise UserError(f"model.accumulate_grad_batches: must be an integer >= 1, got {accumulate_grad_batches!r}")
-        if gradient_clip_val is not None and gradient_clip_val <= 0:
-            raise UserError(f"model.gradient_clip_val: must be > 0 or null, got {gradient_clip_val}")
+        check_manual_optimization_settings(gradient_clip_val, accumulate_grad_batches)
         if n_epochs < 0 or n_epochs_decay < 0:
             raise UserError(f"model.n_epochs / model.n_epochs_decay: must be >= 0, got {n_epochs}, {n_epochs_decay}")
         self.automatic_optimization = False

@@ -10,9 +10,7 @@ Lightning does them only in automatic mode. Validation and test score the genera
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
-import io
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,231 +19,28 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torchmetrics import MeanMetric, MinMetric
 
-from zoo.callbacks import last_good_checkpoint
-from zoo.errors import TrainingDiverged, UserError
+from zoo.errors import UserError
 from zoo.metrics.generative import frechet_distance, generative_scores
-from zoo.nn.cnn import CNN
-from zoo.records import atomic_write_bytes, load_checkpoint_bytes, saved_run_config
+from zoo.metrics.scorer import DomainScorer, load_or_train_scorer
 from zoo.tasks import figures
+from zoo.tasks.adversarial import (
+    LOSSES,
+    check_finite,
+    check_manual_optimization_settings,
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+    ramped_decay,
+    refuse_automatic_only_settings,
+    update_ema,
+)
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("bce", "wasserstein", "hinge", "lsgan")
 BACKENDS = ("domain", "torchmetrics")
 GRID_SIZE = 64  # an 8x8 grid of samples from the fixed noise
-
-
-def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """The discriminator's (critic's) loss from its scores of real and generated images; lower is better for it."""
-    real, fake = real.float(), fake.float()
-    if kind == "bce":  # Goodfellow et al. (2014), on logits
-        return F.softplus(-real).mean() + F.softplus(fake).mean()
-    if kind == "wasserstein":  # Arjovsky et al. (2017): the critic maximises E[D(real)] - E[D(fake)]
-        return fake.mean() - real.mean()
-    if kind == "hinge":  # Lim & Ye (2017), Miyato et al. (2018)
-        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
-    if kind == "lsgan":  # Mao et al. (2017): least squares to the labels 1 (real) and 0 (fake)
-        return 0.5 * ((real - 1.0).square().mean() + fake.square().mean())
-    raise UserError(f"model.loss: unknown '{kind}'; allowed: {', '.join(LOSSES)}")
-
-
-def generator_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
-    """The generator's loss from the discriminator's scores of its images (non-saturating form for BCE)."""
-    fake = fake.float()
-    if kind == "bce":
-        return F.softplus(-fake).mean()
-    if kind in ("wasserstein", "hinge"):
-        return -fake.mean()
-    if kind == "lsgan":
-        return 0.5 * (fake - 1.0).square().mean()
-    raise UserError(f"model.loss: unknown '{kind}'; allowed: {', '.join(LOSSES)}")
-
-
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """Gulrajani et al. (2017): E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = a real + (1 - a) fake, a ~ U(0, 1) per sample.
-
-    Computed in float32 with autocast off: the penalty differentiates a gradient, and in half precision both
-    the small interpolation gradients and their squares lose the digits that make the term mean anything.
-    """
-    with torch.autocast(device_type=real.device.type, enabled=False):
-        real, fake = real.detach().float(), fake.detach().float()
-        alpha = torch.rand(len(real), *([1] * (real.ndim - 1)), device=real.device, dtype=torch.float32)
-        mixed = (alpha * real + (1.0 - alpha) * fake).requires_grad_(True)
-        scores = critic(mixed).float()
-        (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
-        return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
-
-
-@torch.no_grad()
-def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average <- decay * average + (1 - decay) * model, for parameters; buffers (batch-norm statistics) are copied."""
-    for smooth, current in zip(average.parameters(), model.parameters()):
-        smooth.lerp_(current.detach().to(smooth.dtype), 1.0 - decay)
-    for smooth, current in zip(average.buffers(), model.buffers()):
-        smooth.copy_(current)
-
-
-def ramped_decay(decay: float, steps: int) -> float:
-    """min(decay, (1 + t) / (10 + t)) after t steps: an average over the steps so far until that exceeds `decay`'s
-    horizon, so that a short run is not dominated by the random weights it started from."""
-    return min(decay, (1 + steps) / (10 + steps))
-
-
-def check_finite(name: str, value: torch.Tensor, trainer: Any, position: str) -> None:
-    """Stops the run before a NaN or infinite loss reaches the weights, naming the checkpoint to go back to."""
-    if bool(torch.isfinite(value)):
-        return
-    raise TrainingDiverged(
-        f"training diverged: {name} is {float(value)} at {position}; the weights were not updated with it and "
-        f"{last_good_checkpoint(trainer)}; try lower model.optimizer_g.lr / model.optimizer_d.lr"
-    )
-
-
-def refuse_automatic_only_settings(
-    trainer: Any,
-    accumulate_hint: str = "set model.accumulate_grad_batches instead and leave trainer.accumulate_grad_batches at 1",
-) -> None:
-    """Lightning clips and accumulates only under automatic optimization; adversarial tasks do both by hand."""
-    if trainer.gradient_clip_val:
-        raise UserError(
-            "trainer.gradient_clip_val: Lightning cannot clip under the manual optimization GANs use; "
-            "set model.gradient_clip_val instead and leave trainer.gradient_clip_val null"
-        )
-    if trainer.accumulate_grad_batches != 1:
-        raise UserError(
-            f"trainer.accumulate_grad_batches: Lightning cannot accumulate under the manual optimization GANs use; "
-            f"{accumulate_hint}"
-        )
-
-
-class DomainScorer:
-    """A classifier of the real data: penultimate features for the domain FID, class probabilities for the rest.
-
-    Not an nn.Module attribute of the task on purpose: its weights are not part of the GAN's checkpoint.
-    `pixel_range` is the range the classifier was trained on; generated images in [-1, 1] are mapped to it.
-    """
-
-    def __init__(self, net: CNN, pixel_range: tuple[float, float] = (-1.0, 1.0), accuracy: float | None = None):
-        self.net = net.eval()
-        self.net.requires_grad_(False)
-        self.pixel_range, self.accuracy = pixel_range, accuracy
-
-    def to(self, device: torch.device) -> DomainScorer:
-        self.net.to(device)
-        return self
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        low, high = self.pixel_range
-        x = (images.float() + 1.0) / 2.0 * (high - low) + low
-        hidden = self.net.head[:-1](self.net.features(x))
-        logits = self.net.head[-1](hidden)
-        return hidden.float(), logits.float().softmax(dim=1)
-
-
-def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch.device, cache: bool) -> DomainScorer:
-    """The classifier at `spec.ckpt_path`: a cached scorer, or a classification run's checkpoint; else train one.
-
-    A checkpoint of `train.py experiment=cnn_mnist5k` (or any zoo classification run on the same images)
-    is rebuilt from the config.yaml beside it and fed pixels in [0, 1]. Otherwise a CNN is trained on the
-    training split of the GAN's own data and written to `ckpt_path` (not when `cache` is false: fast dev runs).
-    Training runs under a forked RNG, so whether the cache existed does not change the GAN run.
-    """
-    path = Path(str(spec["ckpt_path"])).expanduser() if spec.get("ckpt_path") else None
-    datamodule.setup("fit")
-    x, y = datamodule.splits["train"]
-    data = f"{type(datamodule).__name__} {list(x.shape)}"  # what the scorer was trained on
-    devices = [device.index or 0] if device.type == "cuda" else []
-    if path is not None and path.is_file():
-        # building the network draws initial weights; from the run's RNG, they would make a run whose scorer was
-        # cached differ from one that trained it
-        with torch.random.fork_rng(devices=devices):
-            return _load_scorer(path, device, data, list(x.shape[1:]), int(datamodule.num_classes))
-    if path is not None and path.suffix == ".ckpt":
-        raise UserError(f"model.scorer.ckpt_path: no classifier checkpoint at '{path}'")
-    x_val, y_val = datamodule.splits["val"]
-    kwargs = {
-        "input_shape": list(x.shape[1:]),
-        "num_classes": int(datamodule.num_classes),
-        "channels": list(spec.get("channels", [32, 64])),
-        "hidden": int(spec.get("hidden", 128)),
-        "dropout": float(spec.get("dropout", 0.3)),
-    }
-    epochs, batch_size = int(spec.get("epochs", 3)), int(spec.get("batch_size", 128))
-    max_steps = spec.get("max_steps") if cache else 1
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(spec.get("seed", 0)))
-        net = CNN(**kwargs).to(device)
-        optimizer = torch.optim.Adam(net.parameters(), lr=float(spec.get("lr", 1e-3)))
-        x, y = x.to(device), y.to(device)
-        steps = 0
-        for _ in range(epochs):
-            order = torch.randperm(len(x), device=device)
-            for start in range(0, len(x), batch_size):
-                index = order[start : start + batch_size]
-                loss = F.cross_entropy(net(x[index]), y[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                if max_steps is not None and steps >= int(max_steps):
-                    break
-            if max_steps is not None and steps >= int(max_steps):
-                break
-    net.eval()
-    with torch.no_grad():
-        accuracy = float((net(x_val.to(device)).argmax(1) == y_val.to(device)).float().mean())
-    log.info("scoring classifier: %d steps, validation accuracy %.4f", steps, accuracy)
-    if cache and path is not None:
-        state = {k: v.cpu() for k, v in net.state_dict().items()}
-        scorer = {"kind": "zoo.gan.scorer", "net": kwargs, "state_dict": state, "accuracy": accuracy, "data": data}
-        buffer = io.BytesIO()
-        torch.save(scorer, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-        log.info("scoring classifier cached at %s (sha256 %s)", path, short_digest(buffer.getvalue()))
-    return DomainScorer(net, (-1.0, 1.0), accuracy)
-
-
-def short_digest(raw: bytes) -> str:
-    """A short sha256 of a scorer file: one retrained from the same config is not bit-identical across machines or
-    thread counts, and its scores shift by a few thousandths, so figures compare only under one scorer file."""
-    return hashlib.sha256(raw).hexdigest()[:12]
-
-
-def _load_scorer(path: Path, device: torch.device, data: str, image_shape: list[int], num_classes: int) -> DomainScorer:
-    raw = path.read_bytes()  # read once: the digest and the checkpoint come from the same bytes
-    checkpoint = load_checkpoint_bytes(raw, path, "model.scorer.ckpt_path")
-    log.info("scoring classifier %s (sha256 %s)", path, short_digest(raw))
-    if isinstance(checkpoint, dict) and checkpoint.get("kind") == "zoo.gan.scorer":
-        if checkpoint.get("data") != data:
-            raise UserError(
-                f"model.scorer.ckpt_path: the classifier at '{path}' was trained on {checkpoint.get('data')}, "
-                f"this run's data is {data}; give another path or delete the file"
-            )
-        net = CNN(**checkpoint["net"])
-        net.load_state_dict(checkpoint["state_dict"])
-        return DomainScorer(net.to(device), (-1.0, 1.0), checkpoint.get("accuracy"))
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:  # a zoo classification run
-        from hydra.utils import instantiate
-
-        run_cfg = saved_run_config(path, key="model.scorer.ckpt_path")
-        net_cfg = run_cfg.model.get("net", {})
-        trained_on = (list(net_cfg.get("input_shape", [])), net_cfg.get("num_classes"))
-        if trained_on != (image_shape, num_classes):
-            raise UserError(
-                f"model.scorer.ckpt_path: the classifier at '{path}' takes images {trained_on[0]} in "
-                f"{trained_on[1]} classes, this run's data has {image_shape} in {num_classes}; "
-                "give the checkpoint of a run on the same images (e.g. experiment=cnn_mnist5k for mnist5k)"
-            )
-        net = instantiate(net_cfg)
-        if not isinstance(net, CNN):
-            raise UserError(f"model.scorer.ckpt_path: '{path}' holds a {type(net).__name__}; allowed: a zoo CNN run")
-        net.load_state_dict({k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
-        return DomainScorer(net.to(device), (0.0, 1.0))
-    raise UserError(f"model.scorer.ckpt_path: '{path}' is neither a cached scorer nor a zoo classification checkpoint")
 
 
 class GANTask(L.LightningModule):
@@ -289,8 +84,7 @@ class GANTask(L.LightningModule):
             raise UserError(f"model.loss: unknown '{loss}'; allowed: {', '.join(LOSSES)}")
         if not isinstance(n_critic, int) or n_critic < 1:
             raise UserError(f"model.n_critic: must be an integer >= 1, got {n_critic!r}")
-        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise UserError(f"model.accumulate_grad_batches: must be an integer >= 1, got {accumulate_grad_batches!r}")
+        check_manual_optimization_settings(gradient_clip_val, accumulate_grad_batches)
         if clip_value is not None and clip_value <= 0:
             raise UserError(f"model.clip_value: must be > 0 or null, got {clip_value}")
         if gp_weight < 0:
@@ -301,8 +95,6 @@ class GANTask(L.LightningModule):
                 "model.discriminator.norm: batch norm mixes the samples of a batch, so the per-sample gradient "
                 "penalty (model.gp_weight > 0) does not hold with it; allowed: layer, instance, none"
             )
-        if gradient_clip_val is not None and gradient_clip_val <= 0:
-            raise UserError(f"model.gradient_clip_val: must be > 0 or null, got {gradient_clip_val}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise UserError(f"model.ema_decay: must be in [0, 1) or null, got {ema_decay}")
         backend = (scorer or {}).get("backend", "domain")

@@ -26,8 +26,7 @@ from torchmetrics import MeanMetric
 from zoo.errors import UserError
 from zoo.metrics.generative import frechet_distance
 from zoo.records import load_checkpoint
-from zoo.tasks.gan import (
-    GANTask,
+from zoo.tasks.adversarial import (
     discriminator_loss,
     generator_loss,
     gradient_penalty,
@@ -35,6 +34,7 @@ from zoo.tasks.gan import (
     refuse_automatic_only_settings,
     update_ema,
 )
+from zoo.tasks.gan import GANTask
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,152 @@
+"""The domain classifier that scores generated images without internet: a zoo CNN trained on the real data.
+
+It is a metric's model: its penultimate features give the domain FID and its class probabilities the coverage
+and class-balance scores (zoo.metrics.generative). It is trained once per dataset and cached, or taken from a
+zoo classification run; training it draws from a forked random generator, so a run is the same with or
+without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from zoo.errors import UserError
+from zoo.nn.cnn import CNN
+from zoo.records import atomic_write_bytes, load_checkpoint_bytes, saved_run_config
+
+log = logging.getLogger(__name__)
+
+
+class DomainScorer:
+    """A classifier of the real data: penultimate features for the domain FID, class probabilities for the rest.
+
+    Not an nn.Module attribute of the task on purpose: its weights are not part of the GAN's checkpoint.
+    `pixel_range` is the range the classifier was trained on; generated images in [-1, 1] are mapped to it.
+    """
+
+    def __init__(self, net: CNN, pixel_range: tuple[float, float] = (-1.0, 1.0), accuracy: float | None = None):
+        self.net = net.eval()
+        self.net.requires_grad_(False)
+        self.pixel_range, self.accuracy = pixel_range, accuracy
+
+    def to(self, device: torch.device) -> DomainScorer:
+        self.net.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = self.pixel_range
+        x = (images.float() + 1.0) / 2.0 * (high - low) + low
+        hidden = self.net.head[:-1](self.net.features(x))
+        logits = self.net.head[-1](hidden)
+        return hidden.float(), logits.float().softmax(dim=1)
+
+
+def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch.device, cache: bool) -> DomainScorer:
+    """The classifier at `spec.ckpt_path`: a cached scorer, or a classification run's checkpoint; else train one.
+
+    A checkpoint of `train.py experiment=cnn_mnist5k` (or any zoo classification run on the same images)
+    is rebuilt from the config.yaml beside it and fed pixels in [0, 1]. Otherwise a CNN is trained on the
+    training split of the GAN's own data and written to `ckpt_path` (not when `cache` is false: fast dev runs).
+    Training runs under a forked RNG, so whether the cache existed does not change the GAN run.
+    """
+    path = Path(str(spec["ckpt_path"])).expanduser() if spec.get("ckpt_path") else None
+    datamodule.setup("fit")
+    x, y = datamodule.splits["train"]
+    data = f"{type(datamodule).__name__} {list(x.shape)}"  # what the scorer was trained on
+    devices = [device.index or 0] if device.type == "cuda" else []
+    if path is not None and path.is_file():
+        # building the network draws initial weights; from the run's RNG, they would make a run whose scorer was
+        # cached differ from one that trained it
+        with torch.random.fork_rng(devices=devices):
+            return load_scorer(path, device, data, list(x.shape[1:]), int(datamodule.num_classes))
+    if path is not None and path.suffix == ".ckpt":
+        raise UserError(f"model.scorer.ckpt_path: no classifier checkpoint at '{path}'")
+    x_val, y_val = datamodule.splits["val"]
+    kwargs = {
+        "input_shape": list(x.shape[1:]),
+        "num_classes": int(datamodule.num_classes),
+        "channels": list(spec.get("channels", [32, 64])),
+        "hidden": int(spec.get("hidden", 128)),
+        "dropout": float(spec.get("dropout", 0.3)),
+    }
+    epochs, batch_size = int(spec.get("epochs", 3)), int(spec.get("batch_size", 128))
+    max_steps = spec.get("max_steps") if cache else 1
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(spec.get("seed", 0)))
+        net = CNN(**kwargs).to(device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=float(spec.get("lr", 1e-3)))
+        x, y = x.to(device), y.to(device)
+        steps = 0
+        for _ in range(epochs):
+            order = torch.randperm(len(x), device=device)
+            for start in range(0, len(x), batch_size):
+                index = order[start : start + batch_size]
+                loss = F.cross_entropy(net(x[index]), y[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                if max_steps is not None and steps >= int(max_steps):
+                    break
+            if max_steps is not None and steps >= int(max_steps):
+                break
+    net.eval()
+    with torch.no_grad():
+        accuracy = float((net(x_val.to(device)).argmax(1) == y_val.to(device)).float().mean())
+    log.info("scoring classifier: %d steps, validation accuracy %.4f", steps, accuracy)
+    if cache and path is not None:
+        state = {k: v.cpu() for k, v in net.state_dict().items()}
+        scorer = {"kind": "zoo.gan.scorer", "net": kwargs, "state_dict": state, "accuracy": accuracy, "data": data}
+        buffer = io.BytesIO()
+        torch.save(scorer, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        log.info("scoring classifier cached at %s (sha256 %s)", path, short_digest(buffer.getvalue()))
+    return DomainScorer(net, (-1.0, 1.0), accuracy)
+
+
+def short_digest(raw: bytes) -> str:
+    """A short sha256 of a scorer file: one retrained from the same config is not bit-identical across machines or
+    thread counts, and its scores shift by a few thousandths, so figures compare only under one scorer file."""
+    return hashlib.sha256(raw).hexdigest()[:12]
+
+
+def load_scorer(path: Path, device: torch.device, data: str, image_shape: list[int], num_classes: int) -> DomainScorer:
+    raw = path.read_bytes()  # read once: the digest and the checkpoint come from the same bytes
+    checkpoint = load_checkpoint_bytes(raw, path, "model.scorer.ckpt_path")
+    log.info("scoring classifier %s (sha256 %s)", path, short_digest(raw))
+    if isinstance(checkpoint, dict) and checkpoint.get("kind") == "zoo.gan.scorer":
+        if checkpoint.get("data") != data:
+            raise UserError(
+                f"model.scorer.ckpt_path: the classifier at '{path}' was trained on {checkpoint.get('data')}, "
+                f"this run's data is {data}; give another path or delete the file"
+            )
+        net = CNN(**checkpoint["net"])
+        net.load_state_dict(checkpoint["state_dict"])
+        return DomainScorer(net.to(device), (-1.0, 1.0), checkpoint.get("accuracy"))
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:  # a zoo classification run
+        from hydra.utils import instantiate
+
+        run_cfg = saved_run_config(path, key="model.scorer.ckpt_path")
+        net_cfg = run_cfg.model.get("net", {})
+        trained_on = (list(net_cfg.get("input_shape", [])), net_cfg.get("num_classes"))
+        if trained_on != (image_shape, num_classes):
+            raise UserError(
+                f"model.scorer.ckpt_path: the classifier at '{path}' takes images {trained_on[0]} in "
+                f"{trained_on[1]} classes, this run's data has {image_shape} in {num_classes}; "
+                "give the checkpoint of a run on the same images (e.g. experiment=cnn_mnist5k for mnist5k)"
+            )
+        net = instantiate(net_cfg)
+        if not isinstance(net, CNN):
+            raise UserError(f"model.scorer.ckpt_path: '{path}' holds a {type(net).__name__}; allowed: a zoo CNN run")
+        net.load_state_dict({k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
+        return DomainScorer(net.to(device), (0.0, 1.0))
+    raise UserError(f"model.scorer.ckpt_path: '{path}' is neither a cached scorer nor a zoo classification checkpoint")
