@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from zoo.errors import TrainingDiverged
+from zoo.internals import batches_that_stepped, logs_this_step
 from zoo.records import atomic_write_bytes, load_checkpoint
 
 
@@ -111,7 +112,7 @@ class LearningRates(Callback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # written straight to the loggers at their cadence, as LearningRateMonitor does: through self.log the rates
         # would join the metrics Lightning reduces every step, about 0.2 ms a step on a small MLP
-        if not trainer.loggers or not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
+        if not trainer.loggers or not logs_this_step(trainer):
             return
         groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
         rates = {}
@@ -119,7 +120,7 @@ class LearningRates(Callback):
             name = group.get("name") or ("lr" if len(groups) == 1 else f"lr_{index}")
             rates[f"train/{name}"] = float(group["lr"])
         for logger in trainer.loggers:
-            logger.log_metrics(rates, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            logger.log_metrics(rates, step=batches_that_stepped(trainer))
         trainer.callback_metrics.update({name: torch.tensor(rate) for name, rate in rates.items()})
 
 

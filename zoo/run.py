@@ -350,6 +350,7 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _log_hparams(trainer: Any, cfg: DictConfig, metrics: dict[str, float]) -> None:
     """One hparams entry per run, with its final metrics, for TensorBoard's HPARAMS tab."""
+    from zoo.internals import add_summary
     from zoo.tasks.figures import tensorboard_writer
 
     writer = tensorboard_writer(trainer.loggers)
@@ -359,7 +360,7 @@ def _log_hparams(trainer: Any, cfg: DictConfig, metrics: dict[str, float]) -> No
 
     final = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
     for summary in hparams(flat_hparams(cfg), final):
-        writer._get_file_writer().add_summary(summary)  # reopens the file Lightning closed after testing
+        add_summary(writer, summary)
     writer.flush()
 
 

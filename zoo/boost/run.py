@@ -301,6 +301,8 @@ def _log_tensorboard(
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
+    from zoo.internals import add_summary
+
     with SummaryWriter(str(folder)) as writer:
         for split, named in curves.items():
             for name, values in named.items():
@@ -315,7 +317,7 @@ def _log_tensorboard(
         flat = {k: v for k, v in flat_hparams(cfg).items() if k.startswith(("data.", "model.", "seed"))}
         final = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
         for summary in hparams(flat, final):
-            writer._get_file_writer().add_summary(summary)
+            add_summary(writer, summary)
 
 
 def importance_chart(importance: dict[str, float]) -> Any:

@@ -27,6 +27,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MinMetric
 
 from zoo.errors import UserError
+from zoo.internals import grad_scaler
 from zoo.metrics.generative import frechet_distance
 from zoo.metrics.scorer import DomainScorer, load_or_train_scorer
 from zoo.tasks import figures
@@ -301,7 +302,7 @@ class CycleGANTask(L.LightningModule):
 
     def _loss_scale(self) -> float | None:
         """The 16-mixed loss scale (None without a GradScaler): one GPU sync per step, only under 16-mixed."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = grad_scaler(self.trainer)
         return None if scaler is None else float(scaler.get_scale())
 
     def _rescale_after_update(self, scale: float | None, nets: tuple[nn.Module, ...]) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MinMetric
 
 from zoo.errors import UserError
+from zoo.internals import is_batch_norm
 from zoo.metrics.generative import frechet_distance, generative_scores
 from zoo.metrics.scorer import DomainScorer, load_or_train_scorer
 from zoo.tasks import figures
@@ -89,7 +90,7 @@ class GANTask(L.LightningModule):
             raise UserError(f"model.clip_value: must be > 0 or null, got {clip_value}")
         if gp_weight < 0:
             raise UserError(f"model.gp_weight: must be >= 0, got {gp_weight}")
-        if gp_weight > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in discriminator.modules()):
+        if gp_weight > 0 and any(is_batch_norm(m) for m in discriminator.modules()):
             # the penalty is a per-sample gradient norm; batch norm makes each output depend on the whole batch
             raise UserError(
                 "model.discriminator.norm: batch norm mixes the samples of a batch, so the per-sample gradient "

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
 from zoo.errors import UserError
+from zoo.internals import max_epochs, set_max_epochs
 from zoo.metrics.generative import frechet_distance
 from zoo.records import load_checkpoint
 from zoo.tasks.adversarial import (
@@ -231,14 +232,14 @@ class PGGANTask(GANTask):
         """`trainer.max_epochs=-1` runs exactly the epochs the growth schedule needs."""
         per_epoch = max(1, int(self.trainer.num_training_batches))
         needed = math.ceil(self.schedule.total_steps / per_epoch)
-        loop = self.trainer.fit_loop
-        if loop.max_epochs in (None, -1):
-            loop.max_epochs = needed
-        elif loop.max_epochs < needed and not self.trainer.fast_dev_run:
+        budget = max_epochs(self.trainer)
+        if budget in (None, -1):
+            set_max_epochs(self.trainer, needed)
+        elif budget < needed and not self.trainer.fast_dev_run:
             log.warning(
                 "trainer.max_epochs=%d ends the run before the growth schedule (%d epochs of %d steps); "
                 "set trainer.max_epochs=-1 to run it whole",
-                loop.max_epochs,
+                budget,
                 needed,
                 per_epoch,
             )
