@@ -417,3 +417,24 @@ def test_an_unreadable_scorer_is_blamed_on_scorer_ckpt_path(tmp_path: Path) -> N
     with pytest.raises(UserError, match=r"^scorer_ckpt_path: '.*scorer.pt' is not a readable checkpoint"):
         _swap_scorer(run_cfg, str(garbage), tmp_path / "run.ckpt")
     assert run_cfg.model.scorer.ckpt_path == "cached.pt"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["experiment=dcgan_mnist", "optimizer=sgd"], "error: optimizer: this model configures one optimizer per"),
+        (["model=cyclegan", "data=digits_pair", "optimizer=adam"], "error: optimizer: this model configures one"),
+        (["experiment=xgb_breast_cancer", "optimizer=sgd"], "error: optimizer: XGBoost boosts with its own step"),
+        (["experiment=xgb_breast_cancer", "scheduler=step"], "error: scheduler: XGBoost boosts with its own step"),
+    ],
+)
+def test_a_group_a_model_would_ignore_is_refused(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = run_script("train.py", *QUIET, "debug=fdr", *args, cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-1500:]
+    assert errors[0].startswith(expected), errors[0]
+
+
+def test_the_gan_models_deselect_the_shared_optimizer(train_config) -> None:
+    for model in ("dcgan", "wgan", "wgan_gp", "sngan", "pggan", "cyclegan"):
+        assert train_config(f"model={model}", folder=model).optimizer is None, model

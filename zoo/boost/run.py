@@ -53,6 +53,12 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     """Boost on train with early stopping on val, score train/val/test, save model.json, metrics.json, TensorBoard."""
     import xgboost as xgb
 
+    for group in ("optimizer", "scheduler"):
+        if cfg.get(group) is not None:
+            raise UserError(
+                f"{group}: XGBoost boosts with its own step size (model.learning_rate) and no {group}; "
+                f"allowed: {group}=none"
+            )
     model = build_model(cfg)
     if cfg.get("ckpt_path"):
         raise UserError(

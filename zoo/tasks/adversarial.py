@@ -99,6 +99,17 @@ def refuse_automatic_only_settings(
         )
 
 
+def check_optimizer_group(
+    optimizer: Any | None, optimizer_g: Any | None, optimizer_d: Any | None, networks: str = "network"
+) -> None:
+    """An `optimizer=` group beside both per-network optimizers would be ignored: say so instead."""
+    if optimizer is not None and optimizer_g is not None and optimizer_d is not None:
+        raise UserError(
+            f"optimizer: this model configures one optimizer per {networks} (model.optimizer_g, model.optimizer_d); "
+            "allowed: optimizer=none, and e.g. model.optimizer_g.lr=... to change them"
+        )
+
+
 def check_manual_optimization_settings(gradient_clip_val: float | None, accumulate_grad_batches: int) -> None:
     """The model's own clipping and accumulation keys, which stand in for the trainer's under manual optimization."""
     if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:

@@ -34,6 +34,7 @@ from zoo.tasks import figures
 from zoo.tasks.adversarial import (
     check_finite,
     check_manual_optimization_settings,
+    check_optimizer_group,
     discriminator_loss,
     refuse_automatic_only_settings,
 )
@@ -178,6 +179,7 @@ class CycleGANTask(L.LightningModule):
         self.lambda_cycle, self.lambda_identity = float(lambda_cycle), float(lambda_identity)
         self.pool_a, self.pool_b = ImagePool(pool_size, pool_seed), ImagePool(pool_size, pool_seed + 1)
         self.schedule = LinearDecay(n_epochs, n_epochs_decay)
+        check_optimizer_group(optimizer, optimizer_g, optimizer_d, "pair of networks")
         self.make_optimizer_g = optimizer_g or optimizer
         self.make_optimizer_d = optimizer_d or optimizer
         self.gradient_clip_val, self.accumulate = gradient_clip_val, accumulate_grad_batches

@@ -30,6 +30,7 @@ from zoo.tasks.adversarial import (
     LOSSES,
     check_finite,
     check_manual_optimization_settings,
+    check_optimizer_group,
     discriminator_loss,
     generator_loss,
     gradient_penalty,
@@ -105,6 +106,7 @@ class GANTask(L.LightningModule):
         self.generator, self.discriminator = generator, discriminator
         self.loss_kind, self.n_critic, self.clip_value, self.gp_weight = loss, n_critic, clip_value, gp_weight
         self.gradient_clip_val, self.accumulate = gradient_clip_val, accumulate_grad_batches
+        check_optimizer_group(optimizer, optimizer_g, optimizer_d)
         self.make_optimizer_g = optimizer_g or optimizer
         self.make_optimizer_d = optimizer_d or optimizer
         self.make_scheduler, self.monitor = scheduler, monitor
