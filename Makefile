@@ -1,16 +1,18 @@
 # `make train` and `make test` create the virtual environment on first use.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-slow test-all bench lint clean
+.PHONY: install train test test-slow test-all bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+install: $(STAMP)  ## the virtual environment with the zoo and its test tools (VENV=<folder> puts it elsewhere)
 
 train: $(STAMP)  ## train the default experiment (a CNN on scikit-learn's digits)
 	$(PY) train.py $(ARGS)
