@@ -13,7 +13,7 @@ from zoo.run import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # CIFAR-10 and MovieLens files are not shipped; their loaders are tested on small files written by the tests
-OFFLINE_EXPERIMENTS = [e for e in EXPERIMENTS if e not in {"resnet_cifar10", "mf_movielens"}]
+OFFLINE_EXPERIMENTS = [e for e in EXPERIMENTS if e != "resnet_cifar10" and not e.endswith("_movielens")]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -26,7 +26,12 @@ def test_every_experiment_composes(train_config, experiment: str) -> None:
 
 @pytest.mark.parametrize("experiment", OFFLINE_EXPERIMENTS)
 def test_every_offline_experiment_runs_a_batch(train_config, experiment: str) -> None:
-    train(train_config(f"experiment={experiment}", "debug=fdr"))
+    cfg = train_config(f"experiment={experiment}", "debug=fdr")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    tested = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    assert tested, f"no test metric: {sorted(metrics)}"
+    assert "non_finite" not in metrics, metrics["non_finite"]
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml")))
@@ -74,7 +79,9 @@ def test_warmup_cosine_shape() -> None:
 
 
 def test_configs_folder_is_the_one_train_py_reads() -> None:
-    assert (Path(__file__).resolve().parent.parent / "configs" / "train.yaml").is_file()
+    from zoo.cli import CONFIG_DIR as read_by_train_py
+
+    assert read_by_train_py == CONFIG_DIR and (CONFIG_DIR / "train.yaml").is_file()
 
 
 @pytest.mark.parametrize("debug", ["limit", "profiler"])
