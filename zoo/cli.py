@@ -9,6 +9,7 @@ import contextlib
 import difflib
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,6 +141,11 @@ def check_overrides(config_name: str, args: list[str]) -> None:
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return  # --help, --cfg, -cp ...: Hydra's own modes, and Lightning's DDP child processes
     overrides = [a for a in args if a not in ("-m", "--multirun")]
+    if "hydra/launcher=submitit_slurm" in overrides and shutil.which("sbatch") is None:
+        raise _user_error(
+            "hydra/launcher=submitit_slurm: no SLURM on this machine (sbatch not found); run from a cluster's login "
+            "node, or use hydra/launcher=joblib or submitit_local here"
+        )
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         group_dir = CONFIG_DIR / key
