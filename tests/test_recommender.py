@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
 from zoo.data.ratings import (
@@ -393,6 +394,9 @@ def test_evaluate_reproduces_the_test_metrics_and_tensorboard_has_the_projector(
     (metadata,) = (run / "tensorboard").rglob("items/metadata.tsv")
     labels = metadata.read_text().splitlines()
     assert labels[0] == "item 0" and len(labels) == 100
+    # the projector holds the vectors of the checkpoint the test metrics used, under that checkpoint's step
+    best = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert metadata.parent.parent.name == f"{best['global_step']:05d}"
 
 
 def test_cross_validation_over_ratings(train_config) -> None:
@@ -479,3 +483,199 @@ def test_evaluate_py_recommends_for_a_user(tmp_path: Path) -> None:
     assert "top-3 recommendations for user 1" in shown.stdout and shown.stdout.count("Movie ") >= 3
     missing = run_script("evaluate.py", ckpt, "mode=recommend", cwd=tmp_path)
     assert missing.returncode == 2 and "user_id: required with mode=recommend" in missing.stderr
+
+
+# ---------------------------------------------------------------- RecBole atomic files and the fetch script
+
+
+def write_atomic(folder: Path, rows: list[tuple[int, int, int, int]], name: str = "ml-100k") -> None:
+    """RecBole's atomic format: typed tab-separated headers; genres as a space-separated token_seq."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float\n"]
+    lines += [f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows]
+    (folder / f"{name}.inter").write_text("".join(lines))
+    items = sorted({i for _, i, _, _ in rows})
+    lines = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"]
+    lines += [f"{i}\tMovie {i}\t1995\t{'Action Comedy' if i % 2 else 'Drama'}\n" for i in items]
+    (folder / f"{name}.item").write_text("".join(lines))
+    users = sorted({u for u, _, _, _ in rows})
+    lines = ["user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"]
+    lines += [f"{u}\t{15 + 7 * u}\t{'MF'[u % 2]}\t{('student', 'writer')[u % 2]}\t{10000 + u}\n" for u in users]
+    (folder / f"{name}.user").write_text("".join(lines))
+
+
+def test_recbole_atomic_files_read_like_movielens(tmp_path: Path) -> None:
+    rows = tiny_ratings(3)
+    write_atomic(tmp_path, rows)
+    data = read_movielens(tmp_path)
+    assert data.name == "MovieLens 100K" and len(data.ratings) == len(rows) and data.scale == (1.0, 5.0)
+    assert data.users.tolist() == [u for u, _, _, _ in rows] and data.ratings.tolist() == [r for _, _, r, _ in rows]
+    assert data.timestamps.tolist() == [t for _, _, _, t in rows]
+    assert data.titles[3] == "Movie 3" and data.genres[3] == ["Action", "Comedy"] and data.genres[2] == ["Drama"]
+    vector = dict(zip(data.user_feature_names, data.user_features[2]))  # user 2: 29 years, M, student
+    assert vector["age25-34"] == 1 and vector["gender=M"] == 1 and vector["occupation=student"] == 1
+    assert sum(vector.values()) == 3 and not any(n.startswith("zip_code") for n in data.user_feature_names)
+    module = MovieLensDataModule(path=str(tmp_path), folds=5, fold=2)
+    assert module.item_titles[0] == "Movie 1" and module.item_features.shape == (10, 3)
+
+
+def test_atomic_files_of_any_data_set_with_string_ids_and_no_ratings(tmp_path: Path) -> None:
+    lines = [
+        "session:token\tuser_id:token\titem_id:token\n",
+        "s\tann\tbook-b\n",
+        "s\tbob\tbook-a\n",
+        "s\tann\tbook-a\n",
+    ]
+    (tmp_path / "shop.inter").write_text("".join(lines))
+    data = read_movielens(tmp_path)
+    assert data.name == "shop" and data.ratings.tolist() == [1.0, 1.0, 1.0]
+    assert data.users.tolist() == [1, 2, 1] and data.items.tolist() == [2, 1, 1]  # tokens numbered in sorted order
+    (tmp_path / "shop.inter").write_text("user:token\titem:token\nann\tbook\n")
+    with pytest.raises(UserError, match="no user_id or item_id field"):
+        read_movielens(tmp_path)
+    (tmp_path / "shop.inter").write_text("user_id\titem_id\n1\t2\n")
+    with pytest.raises(UserError, match="typed header"):
+        read_movielens(tmp_path)
+
+
+def _fetch_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fetch_movielens", Path(__file__).resolve().parent.parent / "scripts" / "fetch_movielens.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fetch_script_extracts_and_checks_the_wheels_files(tmp_path: Path) -> None:
+    import hashlib
+    import zipfile
+
+    fetch = _fetch_script()
+    write_atomic(tmp_path / "src", tiny_ratings(4))
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zipped:
+        zipped.writestr("recbole/__init__.py", "")
+        for name in ("ml-100k.inter", "ml-100k.item", "ml-100k.user"):
+            zipped.write(tmp_path / "src" / name, fetch.WHEEL_FOLDER + name)
+    digests = {
+        name: hashlib.sha256((tmp_path / "src" / name).read_bytes()).hexdigest()
+        for name in ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+    }
+    written = fetch.extract_atomic(wheel, tmp_path / "ml", digests)
+    assert sorted(p.name for p in written) == ["ml-100k.inter", "ml-100k.item", "ml-100k.user"]
+    assert read_movielens(tmp_path / "ml").name == "MovieLens 100K"
+    # a file that does not match its digest is refused and not left behind
+    wrong = {**digests, "ml-100k.item": "0" * 64}
+    with pytest.raises(fetch.FetchError, match="ml-100k.item.*SHA-256"):
+        fetch.extract_atomic(wheel, tmp_path / "bad", wrong)
+    assert not (tmp_path / "bad" / "ml-100k.item").exists() and not list((tmp_path / "bad").glob("*.part"))
+    with pytest.raises(fetch.FetchError, match="no recbole/dataset_example/ml-100k/ml-100k.kg"):
+        fetch.extract_atomic(wheel, tmp_path / "bad", {"ml-100k.kg": "0" * 64})
+    assert fetch.main(["--wheel", str(tmp_path / "src" / "ml-100k.inter"), "--dest", str(tmp_path / "x")]) == 1
+    # the ratings digest is the same for RecBole's .inter and a GroupLens u.data of the same rows
+    write_100k(tmp_path / "k", tiny_ratings(4))
+    assert fetch.ratings_sha256(tmp_path / "k" / "u.data") == fetch.ratings_sha256(
+        tmp_path / "ml" / "ml-100k.inter", header=True
+    )
+
+
+# ---------------------------------------------------------------- the explicit protocol: no val, ALS
+
+
+def test_val_fraction_zero_trains_on_the_whole_training_fold(train_config) -> None:
+    data = SyntheticRatingsDataModule(num_ratings=3000, folds=5, fold=1, val_fraction=0.0)
+    assert len(data.rows["val"]) == 0 and len(data.rows["train"]) == 2400 and len(data.rows["test"]) == 600
+    assert data.val_dataloader() == []
+    with pytest.raises(UserError, match="val_fraction=0"):
+        SyntheticRatingsDataModule(num_ratings=3000, val_fraction=0.0, protocol="leave_one_out")
+    cfg = train_config(
+        "experiment=mf_synthetic",
+        *SMALL,
+        "data.val_fraction=0",
+        "callbacks.model_checkpoint=null",
+        "callbacks.early_stopping=null",
+        "trainer.max_epochs=2",
+        "logger=none",
+    )
+    train(cfg)
+    metrics = metrics_of(cfg)
+    assert "val/rmse" not in metrics and 0 < metrics["test/rmse"] < 1.5
+
+
+def test_als_sweeps_never_raise_the_objective_and_reach_the_noise_floor() -> None:
+    from zoo.nn.factorization import ALSGroups, als_sweep
+
+    data = SyntheticRatingsDataModule(num_users=200, num_items=100, num_ratings=8000, noise_std=0.5)
+    users, items, ratings = data.splits["train"]
+    torch.manual_seed(0)
+    net = BiasedMF(data.num_users, data.num_items, rank=4)
+    net.set_statistics(data.global_mean)
+    groups = (ALSGroups(users, data.num_users, block_elements=512), ALSGroups(items, data.num_items))
+    assert sum(len(m) for m, _, _ in groups[0].blocks) == data.num_users and len(groups[0].blocks) > 1
+
+    def objective() -> float:
+        factors, biases = net.penalty(users, items)
+        error = F.mse_loss(net(users, items), ratings)
+        return float(error + 0.01 * factors.mean() + 0.01 * biases.mean())
+
+    values = [objective()]
+    for _ in range(6):
+        als_sweep(net, users, items, ratings, groups, 0.01, 0.01)
+        values.append(objective())
+    assert all(b <= a + 1e-5 for a, b in zip(values, values[1:])), values
+    # after a sweep the item half is exactly optimal: the objective's gradient in the item rows vanishes
+    net.zero_grad()
+    factors, biases = net.penalty(users, items)
+    (F.mse_loss(net(users, items), ratings) + 0.01 * factors.mean() + 0.01 * biases.mean()).backward()
+    assert net.item_factors.weight.grad.abs().max() < 1e-4 and net.item_bias.weight.grad.abs().max() < 1e-4
+    test_users, test_items, test_ratings = data.splits["test"]
+    with torch.no_grad():
+        rmse = float((net(test_users, test_items) - test_ratings).square().mean().sqrt())
+    assert rmse < 0.6, rmse  # noise floor 0.5; the global mean alone: about 0.95
+
+
+def test_als_solver_trains_through_train_py_without_an_optimizer(train_config) -> None:
+    cfg = train_config(
+        "experiment=mf_synthetic",
+        *SMALL,
+        "model.solver=als",
+        "data.batch_size=100000",
+        "trainer.max_epochs=4",
+        "logger=none",
+    )
+    train(cfg)
+    metrics = metrics_of(cfg)
+    assert metrics["test/rmse"] < 0.65 and metrics["val/rmse_best"] <= metrics["val/rmse"] + 1e-6
+
+
+def test_count_exponent_weighs_each_rows_l2_by_its_count_to_that_power(train_config) -> None:
+    from zoo.nn.factorization import ALSGroups, als_sweep
+    from zoo.run import build_model
+
+    data = SyntheticRatingsDataModule(num_users=100, num_items=60, num_ratings=3000)
+    users, items, ratings = data.splits["train"]
+    torch.manual_seed(0)
+    net = BiasedMF(data.num_users, data.num_items, rank=3)
+    net.set_statistics(data.global_mean)
+    groups = (ALSGroups(users, data.num_users), ALSGroups(items, data.num_items))
+    user_weight = torch.bincount(users, minlength=data.num_users).float().sqrt()
+    item_weight = torch.bincount(items, minlength=data.num_items).float().sqrt()
+
+    def objective() -> float:
+        error = (net(users, items) - ratings).square().sum()
+        factors = (user_weight * net.user_factors.weight.square().sum(1)).sum()
+        factors = factors + (item_weight * net.item_factors.weight.square().sum(1)).sum()
+        biases = (user_weight * net.user_bias.weight[:, 0].square()).sum()
+        biases = biases + (item_weight * net.item_bias.weight[:, 0].square()).sum()
+        return float(error + 0.5 * factors + 0.2 * biases)
+
+    values = [objective()]
+    for _ in range(4):
+        als_sweep(net, users, items, ratings, groups, 0.5, 0.2, count_exponent=0.5)
+        values.append(objective())
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(values, values[1:])), values
+    with pytest.raises(Exception, match="count_exponent applies to model.solver=als"):  # hydra wraps the UserError
+        build_model(train_config("experiment=mf_synthetic", *SMALL, "model.count_exponent=0.5"))

@@ -2,7 +2,9 @@
 
 MovieLens is read from its standard files (100K: `u.data`, `u.item`, `u.user` and the official
 `u1.base`/`u1.test` ... `u5`; 1M: `ratings.dat`, `movies.dat`, `users.dat`; latest-small: `ratings.csv`,
-`movies.csv`). Ratings stay whole as tensors and are batched by indexing with TensorBatches.
+`movies.csv`), and any data set in RecBole's atomic format (`<name>.inter` with typed header fields such as
+`user_id:token`, optional `<name>.item` and `<name>.user`), which is how the RecBole wheel ships MovieLens 100K
+(scripts/fetch_movielens.py). Ratings stay whole as tensors and are batched by indexing with TensorBatches.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +30,18 @@ MOVIELENS_FILES = {
     "100k": ("u.data", "u.item", "u.user"),
     "1m": ("ratings.dat", "movies.dat", "users.dat"),
     "latest-small": ("ratings.csv", "movies.csv"),
+    "atomic": ("<name>.inter", "<name>.item", "<name>.user"),
 }
-MOVIELENS_NAMES = {"100k": "MovieLens 100K", "1m": "MovieLens 1M", "latest-small": "MovieLens latest-small"}
+MOVIELENS_NAMES = {
+    "100k": "MovieLens 100K",
+    "1m": "MovieLens 1M",
+    "latest-small": "MovieLens latest-small",
+    "atomic": "RecBole atomic files",
+}
+# RecBole's default field names for the user, the item, the rating and the time of an interaction
+ATOMIC_FIELDS = ("user_id", "item_id", "rating", "timestamp")
+# token columns of .user files with at most this many values become one-hot user features
+ATOMIC_MAX_CATEGORIES = 64
 ML100K_GENRES = (
     "unknown",
     "Action",
@@ -125,8 +138,10 @@ def generate_ratings(
 def movielens_format(folder: Path) -> str:
     """Which MovieLens release a folder holds, told by its ratings file; a one-line UserError if none."""
     for kind, files in MOVIELENS_FILES.items():
-        if (folder / files[0]).is_file():
+        if kind != "atomic" and (folder / files[0]).is_file():
             return kind
+    if folder.is_dir() and any(folder.glob("*.inter")):
+        return "atomic"
     where = f"'{folder}'" + ("" if folder.is_dir() else " (no such folder)")
     expected = "; ".join(f"{', '.join(files)} ({MOVIELENS_NAMES[kind]})" for kind, files in MOVIELENS_FILES.items())
     raise UserError(
@@ -268,6 +283,144 @@ def _rating_data(
     )
 
 
+def _atomic_table(path: Path) -> tuple[list[str], list[str], list[list[str]]]:
+    """Field names, field types and rows (lists of strings) of a RecBole atomic file (tab-separated, typed header)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not lines:
+        raise UserError(f"data.path: '{path}' is empty; a RecBole atomic file starts with a header like user_id:token")
+    header = lines[0].split("\t")
+    names, types = [], []
+    for column in header:
+        name, _, kind = column.strip().partition(":")
+        names.append(name)
+        types.append(kind)
+    if not all(types):
+        raise UserError(
+            f"data.path: '{path}' has no typed header (fields like user_id:token, rating:float); got {lines[0][:80]!r}"
+        )
+    rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    rows = [row + [""] * (len(names) - len(row)) for row in rows]
+    return names, types, rows
+
+
+def _atomic_ids(tokens: list[str]) -> np.ndarray:
+    """Raw ids as integers: numeric tokens as they are, other tokens numbered in sorted order (1-based)."""
+    try:
+        return np.asarray([int(float(t)) for t in tokens], dtype=np.int64)
+    except ValueError:
+        names = sorted(set(tokens))
+        number = {t: k + 1 for k, t in enumerate(names)}
+        return np.asarray([number[t] for t in tokens], dtype=np.int64)
+
+
+def read_atomic(folder: Path) -> RatingData:
+    """A data set in RecBole's atomic format: `<name>.inter` (user_id, item_id, optional rating and timestamp),
+    `<name>.item` (a title field and a genre-like token_seq field become titles and genres) and `<name>.user`
+    (age in MovieLens' brackets, other token fields with few values one-hot).
+
+    Without a rating field every interaction counts as a rating of 1 (implicit data). Non-numeric ids are
+    numbered in sorted token order, the same in all three files.
+    """
+    inters = sorted(folder.glob("*.inter"))
+    if len(inters) > 1:
+        raise UserError(f"data.path: '{folder}' holds {len(inters)} .inter files; keep one data set per folder")
+    path = inters[0]
+    names, _, rows = _atomic_table(path)
+    column = {name: k for k, name in enumerate(names)}
+    user_field, item_field, rating_field, time_field = ATOMIC_FIELDS
+    missing = [f for f in (user_field, item_field) if f not in column]
+    if missing:
+        raise UserError(f"data.path: '{path}' has no {' or '.join(missing)} field; its fields: {', '.join(names)}")
+    if not rows:
+        raise UserError(f"data.path: '{path}' holds no interactions")
+    user_tokens = [row[column[user_field]] for row in rows]
+    item_tokens = [row[column[item_field]] for row in rows]
+    try:
+        ratings = np.asarray(
+            [float(row[column[rating_field]]) for row in rows] if rating_field in column else np.ones(len(rows)),
+            dtype=np.float64,
+        )
+        times = np.asarray(
+            [float(row[column[time_field]] or 0) for row in rows] if time_field in column else np.zeros(len(rows)),
+            dtype=np.float64,
+        )
+    except ValueError as error:
+        raise UserError(f"data.path: cannot read '{path}' as ratings ({error})") from error
+    users, items = _atomic_ids(user_tokens), _atomic_ids(item_tokens)
+    user_map = dict(zip(user_tokens, users.tolist()))
+    item_map = dict(zip(item_tokens, items.tolist()))
+    titles, genres = _atomic_items(path.with_suffix(".item"), item_map)
+    genre_names = sorted({g for listed in genres.values() for g in listed})
+    user_features, feature_names = _atomic_users(path.with_suffix(".user"), user_map)
+    table = np.stack([users, items, ratings, times], axis=1)
+    scale = (float(ratings.min()), float(ratings.max()))
+    name = {"ml-100k": "MovieLens 100K"}.get(path.stem, path.stem)
+    data = _rating_data(table, scale, name, titles, genres, genre_names, user_features, feature_names)
+    data.users, data.items = users, items  # exact, not through float64
+    return data
+
+
+def _atomic_items(path: Path, item_map: dict[str, int]) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """Titles (the first field whose name has 'title') and genres (a token_seq field named class/genre/genres)."""
+    titles: dict[int, str] = {}
+    genres: dict[int, list[str]] = {}
+    if not path.is_file():
+        return titles, genres
+    names, types, rows = _atomic_table(path)
+    if "item_id" not in names:
+        return titles, genres
+    key = names.index("item_id")
+    title = next((k for k, n in enumerate(names) if "title" in n), None)
+    genre = next(
+        (k for k, n in enumerate(names) if n in ("class", "genre", "genres") and types[k] == "token_seq"), None
+    )
+    for row in rows:
+        item = item_map.get(row[key])
+        if item is None:
+            continue
+        if title is not None:
+            titles[item] = row[title]
+        if genre is not None:
+            genres[item] = row[genre].split()
+    return titles, genres
+
+
+def _atomic_users(path: Path, user_map: dict[str, int]) -> tuple[dict[int, np.ndarray], list[str]]:
+    """One-hot user features: a numeric `age` field in MovieLens' brackets, other token fields with few values
+    (a field with a different value for every user, like a zip code in a small file, is left out)."""
+    if not path.is_file():
+        return {}, []
+    names, types, rows = _atomic_table(path)
+    if "user_id" not in names:
+        return {}, []
+    key = names.index("user_id")
+    rows = [row for row in rows if row[key] in user_map]
+    parts: list[tuple[int, list[str], dict[str, int] | None]] = []  # (column, feature names, value -> slot)
+    for k, (name, kind) in enumerate(zip(names, types)):
+        if k == key or kind != "token":
+            continue
+        values = [row[k] for row in rows]
+        if name == "age" and all(v.strip().isdigit() for v in values):
+            parts.append((k, list(AGE_NAMES), None))
+            continue
+        distinct = sorted(set(values) - {""})
+        if 1 < len(distinct) <= ATOMIC_MAX_CATEGORIES and len(distinct) < len(rows):  # not one value per user
+            parts.append((k, [f"{name}={v}" for v in distinct], {v: s for s, v in enumerate(distinct)}))
+    feature_names = [n for _, listed, _ in parts for n in listed]
+    features = {}
+    for row in rows:
+        vector = np.zeros(len(feature_names), dtype=np.float32)
+        offset = 0
+        for k, listed, slots in parts:
+            if slots is None:
+                vector[offset + int(np.searchsorted(AGE_BOUNDS, int(row[k]), side="right"))] = 1.0
+            elif row[k] in slots:
+                vector[offset + slots[row[k]]] = 1.0
+            offset += len(listed)
+        features[user_map[row[key]]] = vector
+    return features, feature_names
+
+
 def read_movielens(path: str | Path, official_fold: int | None = None) -> RatingData:
     """Read a MovieLens folder (100K, 1M or latest-small, told by its files).
 
@@ -282,6 +435,8 @@ def read_movielens(path: str | Path, official_fold: int | None = None) -> Rating
         )
     if kind == "100k":
         return _read_100k(folder, official_fold)
+    if kind == "atomic":
+        return read_atomic(folder)
     return _read_1m(folder) if kind == "1m" else _read_latest(folder)
 
 
@@ -308,7 +463,9 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
 
     protocol=ratings (explicit): `val_fraction` and `test_fraction` of all ratings (80/10/10 by
     default) drawn with `split_seed`, or split=official (MovieLens 100K u<k>.base/test; val from base),
-    or `folds > 1`: fold `fold` of a k-fold over ratings is the test set. Batches: (user, item, rating).
+    or `folds > 1`: fold `fold` of a shuffled k-fold over all ratings (not stratified) is the test set, and val
+    comes out of the other folds. `val_fraction=0` trains on all of the rest, for a fixed number of epochs
+    (no validation: leave out the callbacks that watch a val metric). Batches: (user, item, rating).
     protocol=leave_one_out (implicit): ratings >= `implicit_threshold` (all when null) are interactions;
     each user with at least 3 keeps the latest as test, the one before as val (ties in time broken
     by `split_seed`). Batches: train (user, item), val/test (user, target, sampled negatives): the
@@ -339,11 +496,13 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
             raise ValueError(f"data.split: unknown '{split}'; allowed: {', '.join(SPLITS)}")
         if not 0 <= fold < max(folds, 1):
             raise ValueError(f"data.fold must be in [0, {folds}), got {fold}")
-        if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
+        if not (val_fraction >= 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
             raise ValueError(
-                f"data.val_fraction and data.test_fraction must be > 0 and sum below 1, "
+                f"data.val_fraction must be >= 0 and data.test_fraction > 0, summing below 1, "
                 f"got {val_fraction} and {test_fraction}"
             )
+        if val_fraction == 0 and protocol != "ratings":
+            raise UserError("data.val_fraction=0 applies to protocol=ratings; leave-one-out always holds out val")
         if protocol == "leave_one_out" and folds > 1:
             raise UserError("cv.folds: leave-one-out holds out each user's last interaction; k-fold does not apply")
         if sampled_negatives < 1:
@@ -416,7 +575,7 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
         pool = rng.permutation(pool)
         cut = int(round(self.val_fraction * total))
         val, train = pool[:cut], pool[cut:]
-        if len(train) == 0 or len(val) == 0 or len(test) == 0:
+        if len(train) == 0 or (len(val) == 0 and self.val_fraction > 0) or len(test) == 0:
             raise UserError(
                 f"data: {total} ratings are too few for a train/val/test split "
                 f"({len(train)}/{len(val)}/{len(test)}); use more data or other fractions"
@@ -496,6 +655,12 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
         if not kept:
             return np.zeros((0, 2, count), dtype=np.int64), np.zeros(0, dtype=np.int64)
         return np.asarray(draws, dtype=np.int64), np.asarray(kept, dtype=np.int64)
+
+    def val_dataloader(self) -> Any:
+        """No validation batches at all (not an empty loader) when val_fraction=0."""
+        if self.protocol == "ratings" and len(self.rows.get("val", [])) == 0:
+            return []
+        return super().val_dataloader()
 
     def summary(self) -> str:
         sizes = "/".join(f"{len(self.rows.get(k, []))}" for k in ("train", "val", "test"))

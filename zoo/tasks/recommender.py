@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # one (users x items) score matrix is cut into chunks of at most this many entries
 SCORE_CHUNK = 1 << 22
 LOSSES = ("bpr", "logistic")
+SOLVERS = ("gradient", "als")
 
 
 def build_net(net: nn.Module | Callable[..., nn.Module], data: RatingsDataModule) -> nn.Module:
@@ -129,8 +130,16 @@ class _Recommender(L.LightningModule, abc.ABC):
         optimizer = make_optimizer(self.make_optimizer, self.net, bool(getattr(self.net, "sparse", False)))
         return with_scheduler(self, optimizer)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Remember where the loaded weights come from: testing loads the best checkpoint, not the last step."""
+        self._loaded_from = (int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0)))
+
     def write_projector(self) -> None:
-        """Item embeddings to TensorBoard's projector, labelled by title (and genres where the data has them)."""
+        """Item embeddings to TensorBoard's projector, labelled by title (and genres where the data has them).
+
+        The vectors are those the test metrics were computed with (the checkpoint trainer.test loaded), and the
+        projector's step is that checkpoint's step, not the last training step.
+        """
         writer = figures.tensorboard_writer(self.loggers)
         if writer is None or not self.trainer.is_global_zero:
             return
@@ -154,7 +163,7 @@ class _Recommender(L.LightningModule, abc.ABC):
             metadata=metadata,
             metadata_header=header,
             tag="items",
-            global_step=self.global_step,
+            global_step=getattr(self, "_loaded_from", (self.global_step, 0))[0],
         )
 
     def user_index(self, user_id: int) -> int:
@@ -188,6 +197,7 @@ class _Recommender(L.LightningModule, abc.ABC):
         """`evaluate.py mode=recommend user_id=... top_k=...` prints the user's top-k items."""
         if cfg.get("user_id") is None:
             raise UserError("user_id: required with mode=recommend, e.g. user_id=196")
+        print(f"checkpoint: {cfg.ckpt_path}")
         print(self.format_recommendations(int(cfg.user_id), int(cfg.get("top_k", 10))))
 
     def format_recommendations(self, user_id: int, k: int = 10) -> str:
@@ -211,6 +221,13 @@ class RatingTask(_Recommender):
     `test/mae`, and per split the number of ratings whose user or item had no training data
     (`*/unknown_users`, `*/unknown_items`: these get bias-only predictions). Evaluation clips
     predictions to the rating scale. A generated data set also logs its noise floor, `test/noise_floor`.
+
+    solver=gradient trains with the optimizer on batches; solver=als (BiasedMF only) runs one sweep of alternating
+    least squares per epoch on the whole training split, minimizing the same objective in closed form: no optimizer,
+    no learning rate, and no per-batch overhead (use a data.batch_size as large as the split: one batch an epoch).
+    `cg_steps` > 0 replaces each exact solve by that many warm-started conjugate-gradient steps (cheaper at high rank).
+    `count_exponent` a scales a user's or item's L2 with its rating count to the power a (1: the per-rating L2 above;
+    below 1, entities with many ratings are shrunk less than in proportion), ALS only.
     """
 
     def __init__(
@@ -223,13 +240,35 @@ class RatingTask(_Recommender):
         factor_l2: float = 0.02,
         bias_l2: float = 0.02,
         clip_predictions: bool = True,
+        solver: str = "gradient",
+        cg_steps: int = 0,
+        count_exponent: float = 1.0,
     ) -> None:
         super().__init__(data, net, optimizer, scheduler, monitor)
         if factor_l2 < 0 or bias_l2 < 0:
             raise ValueError(f"model.factor_l2 and model.bias_l2 must be >= 0, got {factor_l2}, {bias_l2}")
         if data.protocol != "ratings":
             raise UserError("model: this explicit-rating model needs data.protocol=ratings")
+        if solver not in SOLVERS:
+            raise ValueError(f"model.solver: unknown '{solver}'; allowed: {', '.join(SOLVERS)}")
+        if solver == "als" and not hasattr(self.net, "user_bias"):
+            raise UserError(
+                f"model.solver=als solves BiasedMF in closed form; {type(self.net).__name__} needs gradient"
+            )
+        if solver == "als" and (factor_l2 <= 0 or bias_l2 <= 0):
+            raise ValueError("model.solver=als needs model.factor_l2 > 0 and model.bias_l2 > 0 (the normal equations)")
         self.factor_l2, self.bias_l2, self.clip_predictions = factor_l2, bias_l2, clip_predictions
+        if cg_steps < 0:
+            raise ValueError(f"model.cg_steps must be >= 0, got {cg_steps}")
+        if count_exponent != 1.0 and solver != "als":
+            raise UserError("model.count_exponent applies to model.solver=als; gradient training uses 1")
+        self.solver, self.cg_steps, self.count_exponent = solver, cg_steps, count_exponent
+        if solver == "als":
+            # every sweep solves against all training ratings, whatever the batch: they live on the module's device
+            self.automatic_optimization = False
+            for name, tensor in zip(("als_users", "als_items", "als_ratings"), data.splits["train"]):
+                self.register_buffer(name, tensor.clone(), persistent=False)
+            self._als_groups: tuple[Any, Any] | None = None
         self.net.set_statistics(
             data.global_mean,
             torch.from_numpy(data.item_mean),
@@ -255,7 +294,44 @@ class RatingTask(_Recommender):
     def scores_of_all_items(self, users: torch.Tensor) -> torch.Tensor:
         return self.net.predict_all(users)
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+    def configure_optimizers(self) -> Any:
+        if self.solver == "als":
+            return None  # closed-form sweeps: no optimizer, no learning rate
+        return super().configure_optimizers()
+
+    def _als_step(self, batch_idx: int) -> torch.Tensor | None:
+        """One ALS sweep per epoch (at its first batch) over the whole training split; the objective after it."""
+        from zoo.nn.factorization import ALSGroups, als_sweep
+
+        if batch_idx != 0:
+            return None
+        users, items, ratings = self.als_users, self.als_items, self.als_ratings
+        if self._als_groups is None or self._als_groups[0].counts.device != users.device:
+            self._als_groups = (ALSGroups(users, len(self.user_ids)), ALSGroups(items, len(self.item_ids)))
+        als_sweep(
+            self.net,
+            users,
+            items,
+            ratings,
+            self._als_groups,
+            self.factor_l2,
+            self.bias_l2,
+            self.cg_steps,
+            self.count_exponent,
+        )
+        with torch.no_grad():
+            predictions = self.net(users, items)
+            factors, biases = self.net.penalty(users, items)
+            loss = F.mse_loss(predictions, ratings) + self.factor_l2 * factors.mean() + self.bias_l2 * biases.mean()
+        self.train_loss.update(loss)
+        self.train_rmse.update(predictions, ratings)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/rmse", self.train_rmse, on_step=False, on_epoch=True)
+        return None
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
+        if self.solver == "als":
+            return self._als_step(batch_idx)
         users, items, ratings = batch
         predictions = self.net(users, items)
         factors, biases = self.net.penalty(users, items)
@@ -307,8 +383,9 @@ class RankingTask(_Recommender):
     has not rated (`val/hr@10`, `val/ndcg@10`, `test/...`), and among the data's fixed sampled negatives
     (`*/hr@10_sampled100`, `*/ndcg@10_sampled100`, the protocol of He et al., 2017). The popularity baseline
     (items ranked by their number of training interactions, same protocol) is logged beside the model as
-    `*/hr@10_popularity` and `*/ndcg@10_popularity`: a model that does not beat it clearly has learned nothing
-    personal. Also logs `val/ndcg@10_best` and `*/unknown_items`: held-out items without training data.
+    `*/hr@10_popularity` and `*/ndcg@10_popularity` (and `*/hr@10_sampled100_popularity`, ... on the sampled
+    candidates): a model that does not beat it clearly has learned nothing personal. Also logs
+    `val/ndcg@10_best` and `*/unknown_items`: held-out items without training data.
     """
 
     def __init__(
@@ -341,6 +418,7 @@ class RankingTask(_Recommender):
         self.train_loss = MeanMetric()
         names = [f"hr@{k}", f"ndcg@{k}", f"hr@{k}_{self.sampled}", f"ndcg@{k}_{self.sampled}"]
         names += [f"hr@{k}_popularity", f"ndcg@{k}_popularity"]
+        names += [f"hr@{k}_{self.sampled}_popularity", f"ndcg@{k}_{self.sampled}_popularity"]
         self.names = names
         self.scores = nn.ModuleDict({f"{s}_{n}": MeanMetric() for s in ("val", "test") for n in range(len(names))})
         self.unknown = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
@@ -395,6 +473,9 @@ class RankingTask(_Recommender):
                 exclude_seen(popular, users[part], targets[part], self.seen_indptr, self.seen_items), targets[part]
             )
             values += (hit_rate(popular_ranks, self.k), ndcg(popular_ranks, self.k))
+            candidates = torch.cat([targets[part, None], negatives[part]], dim=1)
+            popular_sampled = target_ranks(self.popularity[candidates], torch.zeros_like(targets[part]))
+            values += (hit_rate(popular_sampled, self.k), ndcg(popular_sampled, self.k))
             for n, value in enumerate(values):
                 self.scores[f"{split}_{n}"].update(value)
         item_ok = self.net.item_known[targets.clamp(0, len(self.item_ids) - 1)]
