@@ -1,22 +1,27 @@
 """DQN through the zoo over seeds, and its environment steps per second beside a plain single-file loop.
 
-Why: an RL result moves a lot with the seed, so a recipe is judged by mean ± std over seeds; and Lightning's loop
-must not cost the DQN much speed, so the same network, settings, buffer and environment run in a plain PyTorch
-loop (CleanRL-style) in the same process, on the same thread count, and the ratio is printed.
+Why: an RL result moves a lot with the seed, so a recipe is judged over seeds, by the greedy return of the policy a
+run ends with (test/return, 20 held-out episodes); the best-by-validation checkpoint's score is printed beside it
+(test/return_best_val), never instead. And Lightning's loop must not cost the DQN much speed: a plain PyTorch DQN
+loop written here (one file's worth, CleanRL-style) and the zoo run the same settings in this process, alternately,
+on the same thread count; the ratio is printed for the learning-free phase (acting and storing only) and for the
+whole run.
 
-    python benchmarks/dqn.py                                        # dqn_cartpole, seeds 1,2,3, then the speed pair
+    python benchmarks/dqn.py                                           # dqn_cartpole, seeds 1..5, then the speed pair
+    python benchmarks/dqn.py --seeds 1 --speed-steps 0                 # one seed, no speed pair
+    python benchmarks/dqn.py --seeds "" --speed-steps 30000            # only the speed pair (dqn_cartpole_cleanrl)
     python benchmarks/dqn.py --experiment dqn_lunarlander --seeds 1,2,3
-    python benchmarks/dqn.py --seeds 1 --max-epochs 2 --speed-steps 5000   # a quick check that everything runs
+    python benchmarks/dqn.py --experiment dqn_cartpole --seeds 1 --extra model.dueling=true   # an ablation row
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import logging
 import math
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
@@ -42,17 +48,26 @@ QUIET = [
     "trainer.enable_model_summary=false",
 ]
 # the targets of this family: CartPole within 100k steps, LunarLander solved (200) within 500k
-TARGETS = {"dqn_cartpole": 475.0, "dqn_lunarlander": 200.0}
+TARGETS = {"dqn_cartpole": 475.0, "dqn_cartpole_cleanrl": 475.0, "dqn_lunarlander": 200.0}
 
 
 class TrainingClock(Callback):
-    """Wall time of the training epochs less the evaluation episodes, and the environment steps taken in it."""
+    """Wall time of the training epochs less the evaluation episodes, and the time at which learning starts."""
 
     def __init__(self) -> None:
-        self.seconds, self.steps = 0.0, 0
+        self.reset(0)
+
+    def reset(self, learning_starts: int) -> None:
+        self.seconds, self.steps, self.learning_starts = 0.0, 0, learning_starts
+        self.free_seconds, self.free_steps = math.nan, 0
 
     def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
         self._start, self._steps, self._validating = time.perf_counter(), module.env_steps, 0.0
+
+    def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+        if math.isnan(self.free_seconds) and module.env_steps >= self.learning_starts:
+            self.free_seconds = self.seconds + time.perf_counter() - self._start - self._validating
+            self.free_steps = self.steps + module.env_steps - self._steps
 
     def on_validation_start(self, trainer: Any, module: Any) -> None:
         self._validation_start = time.perf_counter()
@@ -69,6 +84,10 @@ class TrainingClock(Callback):
 CLOCK = TrainingClock()
 
 
+def clock() -> TrainingClock:
+    return CLOCK
+
+
 def compose_run(experiment: str, seed: int, output_dir: Path, extra: list[str]) -> DictConfig:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", [*QUIET, f"experiment={experiment}", f"seed={seed}", "logger=none", *extra])
@@ -78,27 +97,31 @@ def compose_run(experiment: str, seed: int, output_dir: Path, extra: list[str]) 
     return cfg
 
 
-def clock() -> TrainingClock:
-    return CLOCK
-
-
 def run_zoo(experiment: str, seed: int, output_dir: Path, extra: list[str]) -> dict[str, float]:
-    CLOCK.seconds, CLOCK.steps = 0.0, 0
     cfg = compose_run(experiment, seed, output_dir, extra)
+    CLOCK.reset(int(cfg.model.learning_starts))
     started = time.perf_counter()
     train(cfg)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     metrics["wall_s"] = time.perf_counter() - started
     metrics["steps_per_s"] = CLOCK.steps / max(CLOCK.seconds, 1e-9)
+    metrics["free_steps_per_s"] = CLOCK.free_steps / CLOCK.free_seconds
+    metrics["test_episodes"] = int(cfg.data.test_episodes)
     return metrics
 
 
-def plain_dqn(cfg: DictConfig, total_steps: int) -> float:
-    """A single-file DQN loop with the config's network and settings; returns environment steps per second."""
-    m, env_id = cfg.model, cfg.data.env_id
+def plain_dqn(cfg: DictConfig, total_steps: int) -> tuple[float, float]:
+    """A single-file DQN loop with the config's network and settings (one-step targets, one environment).
+
+    Returns environment steps per second before learning starts and over the whole run.
+    """
+    m = cfg.model
+    if m.n_step != 1 or cfg.data.num_envs != 1:
+        raise SystemExit("the plain loop does one-step targets on one environment: use experiment=dqn_cartpole_cleanrl")
     torch.manual_seed(cfg.seed)
-    env = gym.make(env_id)
-    num_actions, shape = env.action_space.n, env.observation_space.shape
+    rng = random.Random(cfg.seed)
+    env = gym.make(cfg.data.env_id)
+    num_actions, shape = int(env.action_space.n), env.observation_space.shape
     q = QNetwork(shape, num_actions, list(m.net.hidden_sizes), dueling=m.net.dueling)
     target = QNetwork(shape, num_actions, list(m.net.hidden_sizes), dueling=m.net.dueling)
     target.load_state_dict(q.state_dict())
@@ -106,43 +129,37 @@ def plain_dqn(cfg: DictConfig, total_steps: int) -> float:
     capacity = m.buffer_size
     obs_buf, next_buf = torch.zeros(capacity, *shape), torch.zeros(capacity, *shape)
     act_buf, rew_buf, disc_buf = torch.zeros(capacity, dtype=torch.long), torch.zeros(capacity), torch.zeros(capacity)
+    obs_np, next_np, act_np, rew_np, disc_np = (b.numpy() for b in (obs_buf, next_buf, act_buf, rew_buf, disc_buf))
     size = position = 0
-    generator = torch.Generator().manual_seed(cfg.seed)
     decay = m.exploration_fraction * total_steps
     obs, _ = env.reset(seed=cfg.seed)
-    pending: collections.deque[tuple[Any, int, float]] = collections.deque()
     started = time.perf_counter()
-    for step in range(1, total_steps + 1):
+    free_seconds = math.nan
+    for step in range(total_steps):
         epsilon = m.epsilon_start + (m.epsilon_end - m.epsilon_start) * min(1.0, step / decay)
-        if torch.rand(1, generator=generator).item() < epsilon:
-            action = int(torch.randint(num_actions, (1,), generator=generator))
+        if rng.random() < epsilon:
+            action = rng.randrange(num_actions)
         else:
-            with torch.no_grad():
-                action = int(q(torch.as_tensor(obs)[None]).argmax(dim=1))
+            with torch.inference_mode():
+                action = int(q(torch.from_numpy(obs)[None]).argmax(dim=1))
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        pending.append((obs, action, float(reward)))
-        ended = terminated or truncated
-        # n-step returns: the oldest pending step is stored once n steps follow it, or when the episode ends
-        while pending and (len(pending) == m.n_step or ended):
-            first_obs, first_action, _ = pending[0]
-            obs_buf[position], next_buf[position] = torch.as_tensor(first_obs), torch.as_tensor(next_obs)
-            act_buf[position] = first_action
-            rew_buf[position] = sum(m.gamma**k * r for k, (_, _, r) in enumerate(pending))
-            disc_buf[position] = 0.0 if terminated else m.gamma ** len(pending)
-            position, size = (position + 1) % capacity, min(size + 1, capacity)
-            pending.popleft()
-        obs = next_obs
-        if terminated or truncated:
-            obs, _ = env.reset()
-        if step >= m.learning_starts and step % m.train_frequency == 0:
+        obs_np[position], next_np[position], act_np[position] = obs, next_obs, action
+        rew_np[position], disc_np[position] = reward, 0.0 if terminated else m.gamma
+        position, size = (position + 1) % capacity, min(size + 1, capacity)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+        done = step + 1
+        if done == m.learning_starts:
+            free_seconds = time.perf_counter() - started
+        if done >= m.learning_starts and done % m.train_frequency == 0:
             for _ in range(m.gradient_steps):
-                index = torch.randint(size, (m.batch_size,), generator=generator)
+                index = torch.randint(size, (m.batch_size,))
+                next_observations = next_buf[index]
                 with torch.no_grad():
                     if m.double:
-                        best = q(next_buf[index]).argmax(dim=1, keepdim=True)
-                        next_values = target(next_buf[index]).gather(1, best).squeeze(1)
+                        best = q(next_observations).argmax(dim=1, keepdim=True)
+                        next_values = target(next_observations).gather(1, best).squeeze(1)
                     else:
-                        next_values = target(next_buf[index]).max(dim=1).values
+                        next_values = target(next_observations).max(dim=1).values
                     targets = rew_buf[index] + disc_buf[index] * next_values
                 values = q(obs_buf[index]).gather(1, act_buf[index, None]).squeeze(1)
                 loss = F.smooth_l1_loss(values, targets) if m.loss == "huber" else F.mse_loss(values, targets)
@@ -151,21 +168,92 @@ def plain_dqn(cfg: DictConfig, total_steps: int) -> float:
                 if m.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(q.parameters(), m.max_grad_norm)
                 optimizer.step()
-            if step % m.target_update_interval < m.train_frequency:
+            if done % m.target_update_interval < m.train_frequency:
                 with torch.no_grad():
                     for t, p in zip(target.parameters(), q.parameters()):
                         t.lerp_(p, m.tau)
     seconds = time.perf_counter() - started
     env.close()
-    return total_steps / seconds
+    return m.learning_starts / free_seconds, total_steps / seconds
+
+
+def seed_rows(args: argparse.Namespace, root: Path) -> None:
+    extra = list(args.extra)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    rows = []
+    for seed in seeds:
+        metrics = run_zoo(args.experiment, seed, root / f"seed_{seed}", extra)
+        rows.append(metrics)
+        print(
+            f"seed {seed}: test/return {metrics['test/return']:6.1f} ± {metrics['test/return_std']:5.1f} "
+            f"(final policy, {metrics['test_episodes']} episodes)  "
+            f"test/return_best_val {metrics.get('test/return_best_val', math.nan):6.1f}  "
+            f"last val/return {metrics['val/return']:6.1f}  env steps {int(metrics['train/env_steps'])}  "
+            f"{metrics['train/steps_per_second']:5.0f} steps/s  {metrics['wall_s']:4.0f} s",
+            flush=True,
+        )
+    if not rows:
+        return
+
+    def spread(name: str) -> str:
+        values = [r.get(name, math.nan) for r in rows]
+        std = statistics.stdev(values) if len(values) > 1 else math.nan
+        return f"{statistics.mean(values):.1f} ± {std:.1f}"
+
+    print(
+        f"mean ± std over {len(rows)} seeds: test/return {spread('test/return')}, test/return_best_val "
+        f"{spread('test/return_best_val')}, steps/s {spread('train/steps_per_second')}, wall {spread('wall_s')} s"
+    )
+    target = TARGETS.get(args.experiment)
+    if target:
+        reached = sum(r["test/return"] >= target for r in rows)
+        print(f"seeds whose final policy reaches test/return >= {target:g}: {reached} of {len(rows)}")
+
+
+def speed_pair(args: argparse.Namespace, root: Path) -> None:
+    experiment, steps = args.speed_experiment, args.speed_steps
+    extra = [
+        f"data.total_steps={steps}",
+        f"data.steps_per_epoch={steps}",
+        "data.eval_episodes=1",
+        "data.test_episodes=1",
+        "model.gif=false",
+        *args.extra,
+    ]
+    cfg = compose_run(experiment, 1, root / "speed_plain", extra)
+    if steps <= cfg.model.learning_starts:
+        raise SystemExit(f"--speed-steps must exceed model.learning_starts ({cfg.model.learning_starts})")
+    print(f"\nspeed: {experiment}, {steps} env steps a run (learning from step {cfg.model.learning_starts}), "
+          f"{torch.get_num_threads()} thread(s), runs alternate")  # fmt: skip
+    print(f"{'run':>4}  {'side':>5}  {'learning-free steps/s':>21}  {'whole-run steps/s':>17}  load")
+    plain, zoo = [], []
+    for repeat in range(args.repeats):
+        free, whole = plain_dqn(cfg, steps)
+        plain.append((free, whole))
+        print(f"{repeat + 1:>4}  {'plain':>5}  {free:21.0f}  {whole:17.0f}  {os.getloadavg()[0]:.2f}", flush=True)
+        metrics = run_zoo(experiment, 1, root / f"speed_zoo_{repeat}", extra)
+        zoo.append((metrics["free_steps_per_s"], metrics["steps_per_s"]))
+        print(
+            f"{repeat + 1:>4}  {'zoo':>5}  {zoo[-1][0]:21.0f}  {zoo[-1][1]:17.0f}  {os.getloadavg()[0]:.2f}", flush=True
+        )
+    p_free, p_whole = (statistics.median(v) for v in zip(*plain))
+    z_free, z_whole = (statistics.median(v) for v in zip(*zoo))
+    print(
+        f"median: learning-free plain {p_free:.0f}, zoo {z_free:.0f}, ratio {z_free / p_free:.2f}; "
+        f"whole run plain {p_whole:.0f}, zoo {z_whole:.0f}, ratio {z_whole / p_whole:.2f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="dqn_cartpole")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--max-epochs", type=int, default=None, help="shorter runs (default: the experiment's)")
-    parser.add_argument("--speed-steps", type=int, default=20_000, help="steps of each side of the speed pair")
+    parser.add_argument("--seeds", default="1,2,3,4,5")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="config overrides for every run, e.g. model.dueling=true"
+    )
+    parser.add_argument("--speed-experiment", default="dqn_cartpole_cleanrl")
+    parser.add_argument("--speed-steps", type=int, default=30_000, help="env steps of each run of the speed pair")
+    parser.add_argument("--repeats", type=int, default=2, help="alternations of the speed pair (medians printed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args()
@@ -175,53 +263,14 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     root = Path(args.output_dir or tempfile.mkdtemp(prefix="dqn-bench-"))
-    extra = [f"trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
-
-    print(f"{args.experiment}: seeds {args.seeds}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}")
-    rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        metrics = run_zoo(args.experiment, seed, root / f"seed_{seed}", extra)
-        rows.append(metrics)
-        print(
-            f"seed {seed}: test/return {metrics['test/return']:7.1f} ± {metrics['test/return_std']:5.1f} "
-            f"(20 episodes, best checkpoint)  last val/return {metrics['val/return']:7.1f}  "
-            f"best val/return {metrics['val/return_best']:7.1f}  env steps {int(metrics['train/env_steps'])}  "
-            f"{metrics['steps_per_s']:6.0f} steps/s  {metrics['wall_s']:5.0f} s",
-            flush=True,
-        )
-
-    def spread(name: str) -> str:
-        values = [r[name] for r in rows]
-        std = statistics.stdev(values) if len(values) > 1 else math.nan
-        return f"{statistics.mean(values):.1f} ± {std:.1f}"
-
-    target = TARGETS.get(args.experiment)
-    reached = sum(r["test/return"] >= target for r in rows) if target else None
-    print(
-        f"\nmean ± std over {len(rows)} seeds: test/return {spread('test/return')}, last val/return "
-        f"{spread('val/return')}, steps/s {spread('steps_per_s')}, wall {spread('wall_s')} s"
-    )
-    if target:
-        print(f"seeds with test/return >= {target:g}: {reached} of {len(rows)}")
-
+    print(f"{args.experiment}: seeds {args.seeds or 'none'}, {args.threads} thread(s), "
+          f"load average {os.getloadavg()[0]:.2f}, extra {args.extra}")  # fmt: skip
+    seed_rows(args, root)
     if args.speed_steps:
-        extra_speed = [
-            f"data.steps_per_epoch={args.speed_steps}",
-            "data.eval_episodes=1",
-            "data.test_episodes=1",
-            "trainer.max_epochs=1",
-            "model.gif=false",
-            "trainer.num_sanity_val_steps=0",
-        ]
-        cfg = compose_run(args.experiment, 1, root / "speed_zoo", extra_speed)
-        plain = plain_dqn(cfg, args.speed_steps)
-        zoo = run_zoo(args.experiment, 1, root / "speed_zoo_run", extra_speed)["steps_per_s"]
-        print(
-            f"\nspeed, {args.speed_steps} steps each: plain loop {plain:.0f} steps/s, zoo {zoo:.0f} steps/s, "
-            f"ratio {zoo / plain:.2f} (load average {os.getloadavg()[0]:.2f})"
-        )
+        speed_pair(args, root)
     print(f"runs in {root}")
 
 
 if __name__ == "__main__":
+    np.set_printoptions(precision=3)
     main()

@@ -19,6 +19,7 @@ from zoo.run import build_model, evaluate, train
 from zoo.tasks.dqn import (
     DQNTask,
     NStepQueue,
+    PrioritizedReplayBuffer,
     ReplayBuffer,
     linear_schedule,
     td_targets,
@@ -39,8 +40,8 @@ TINY = [
     "model.gradient_steps=2",
     "model.target_update_interval=40",
     "model.gif=false",
+    "data.total_steps=null",
     "trainer.max_epochs=2",
-    "trainer.num_sanity_val_steps=0",
 ]
 torch.set_num_threads(1)
 
@@ -73,6 +74,29 @@ def test_buffer_state_round_trips() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.sample(8, g1), b.sample(8, g2)))
     with pytest.raises(UserError, match="model.buffer_size"):
         ReplayBuffer(8, (3,), torch.float32, torch.device("cpu")).load_state_dict(a.state_dict())
+
+
+def test_prioritized_sampling_is_proportional_to_priority_to_the_alpha() -> None:
+    """Four rows with TD errors 1, 2, 4, 8 and alpha 0.5: drawn 1 : 1.41 : 2 : 2.83, weighted (N P)^-beta / max."""
+    buffer = PrioritizedReplayBuffer(8, (1,), torch.float32, torch.device("cpu"), alpha=0.5, eps=0.0)
+    rows = torch.arange(4, dtype=torch.float32)
+    buffer.add(rows[:, None], rows.long(), rows, rows[:, None], torch.ones(4))
+    assert torch.equal(buffer.priorities[:4], torch.ones(4, dtype=torch.float64))  # new rows: the largest priority
+    buffer.update_priorities(torch.arange(4), torch.tensor([1.0, -2.0, 4.0, 8.0]))
+    expected = torch.tensor([1.0, 2.0, 4.0, 8.0]).sqrt()
+    expected /= expected.sum()
+    (_, actions, *_), index, weights = buffer.sample_prioritized(200_000, torch.Generator().manual_seed(0), beta=1.0)
+    assert torch.equal(actions, index)  # the sampled rows are the indexed ones
+    frequencies = torch.bincount(index, minlength=4).double() / len(index)
+    assert torch.allclose(frequencies, expected.double(), atol=0.005), frequencies
+    by_row = {int(i): float(w) for i, w in zip(index[:100], weights[:100])}
+    for row, weight in by_row.items():
+        assert weight == pytest.approx(float((expected[row] / expected[0]) ** -1.0), rel=1e-5)
+    buffer.add(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.zeros(1, 1), torch.ones(1))
+    assert buffer.priorities[4] == pytest.approx(8.0**0.5)  # a new row gets the largest priority so far
+    restored = PrioritizedReplayBuffer(8, (1,), torch.float32, torch.device("cpu"), alpha=0.5, eps=0.0)
+    restored.load_state_dict(buffer.state_dict())
+    assert torch.equal(restored.priorities, buffer.priorities) and restored.max_priority == buffer.max_priority
 
 
 def test_one_step_targets_bootstrap_through_truncation_not_termination() -> None:
@@ -111,8 +135,7 @@ def random_steps(steps: int, **data) -> DQNTask:
     task.buffer = ReplayBuffer(1000, (4,), torch.float32, torch.device("cpu"))
     envs = task.data.make_vector_env()
     task._attach(envs)
-    for _ in range(steps):
-        task._env_step(envs)
+    task._env_steps(steps)
     envs.close()
     return task
 
@@ -190,7 +213,7 @@ def test_td_loss_falls_on_a_fixed_batch() -> None:
     optimizer = torch.optim.Adam(task.net.parameters(), lr=1e-2)
     losses = []
     for _ in range(300):
-        loss, _ = task.td_loss(batch)
+        loss, *_ = task.td_loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -226,14 +249,19 @@ def test_unknown_environment_through_train_py(tmp_path: Path) -> None:
 
 
 def test_resume_equals_the_uninterrupted_run(train_config) -> None:
-    """Two environments, 3-step returns, soft updates: stop after epoch 2 of 4, resume, end where the full run ended."""
+    """Two environments, 3-step returns, soft updates, a decaying learning rate, prioritized replay, the run length
+    in environment steps: stop after epoch 2 of 4, resume, end where the full run ended. trainer.max_epochs (2) plays
+    no part."""
     settings = [
         *TINY,
         "data.num_envs=2",
+        "data.total_steps=800",
         "model.n_step=3",
         "model.tau=0.5",
         "model.double=true",
-        "trainer.max_epochs=4",
+        "model.lr_end_factor=0.1",
+        "model.prioritized=true",
+        "model.iteration_steps=60",
         "callbacks.model_checkpoint.save_top_k=-1",
         "test=false",
         "logger=none",
@@ -241,22 +269,56 @@ def test_resume_equals_the_uninterrupted_run(train_config) -> None:
     full, resumed = interrupted_and_resumed(train_config, *settings)
     assert_same_final_weights(full, resumed)
     end_a, end_b = (
-        torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["dqn"]
-        for c in (full, resumed)
+        torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True) for c in (full, resumed)
     )
+    for a, b in zip(end_a["optimizer_states"][0]["param_groups"], end_b["optimizer_states"][0]["param_groups"]):
+        assert a["lr"] == b["lr"] < 0.2 * a["initial_lr"]  # the same point of the same decay
+    end_a, end_b = end_a["dqn"], end_b["dqn"]
     assert end_a["env_steps"] == end_b["env_steps"] == 800 and end_a["updates"] == end_b["updates"]
-    for name in ReplayBuffer.FIELDS:
+    for name in (*ReplayBuffer.FIELDS, "priorities"):
         assert torch.equal(end_a["buffer"][name], end_b["buffer"][name]), name
     assert torch.equal(end_a["generator"], end_b["generator"])
     assert end_a["env"]["actions"] == end_b["env"]["actions"]
 
 
+def test_the_run_is_exactly_total_steps_with_no_sanity_episodes(train_config) -> None:
+    """330 steps in epochs of 200: the second epoch stops at 330; epsilon reaches its floor at half the run."""
+    from lightning.pytorch import Callback
+
+    seen: dict[str, list] = {"sanity": [], "val_epochs": [], "epsilon": []}
+
+    class Watch(Callback):
+        def on_sanity_check_start(self, trainer, module) -> None:
+            seen["sanity"].append(True)
+
+        def on_validation_epoch_end(self, trainer, module) -> None:
+            seen["val_epochs"].append(module.env_steps)
+
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            seen["epsilon"].append((module.env_steps, module.epsilon()))
+
+    cfg = train_config(
+        *TINY, "data.total_steps=330", "model.n_step=1", "trainer.max_epochs=50", "trainer.num_sanity_val_steps=2"
+    )
+    cfg.model.exploration_fraction, cfg.model.epsilon_end = 0.5, 0.1
+    datamodule, model = instantiate(cfg.data), build_model(cfg, instantiate(cfg.data))
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[Watch()], enable_checkpointing=False)
+    trainer.fit(model, datamodule=datamodule)
+    assert model.env_steps == 330 and trainer.current_epoch == 2
+    assert model.buffer.size == 330  # one-step returns: every step stored, none after the budget
+    assert seen["sanity"] == [] and seen["val_epochs"] == [200, 330]
+    assert model.epsilon(165) == pytest.approx(0.1) and model.epsilon(0) == 1.0
+    assert all(eps == pytest.approx(model.epsilon(step)) for step, eps in seen["epsilon"])
+
+
 def test_train_logs_curves_and_evaluate_reproduces_the_test_return(train_config, tmp_path: Path) -> None:
-    cfg = train_config(*TINY, "model.gif=true", "model.gif_max_frames=20")
+    """test/return is the final policy's (last.ckpt), the best checkpoint's score is test/return_best_val."""
+    cfg = train_config(*TINY, "model.gif=true", "model.gif_max_frames=20", "data.test_episodes=3")
     train(cfg)
     run = Path(cfg.paths.output_dir)
     logged = json.loads((run / "metrics.json").read_text())
-    assert {"test/return", "test/return_std", "val/return", "val/return_best", "train/loss"} <= set(logged)
+    assert {"test/return", "test/return_std", "test/return_best_val", "val/return", "val/return_best"} <= set(logged)
+    assert {"train/loss", "train/steps_per_second"} <= set(logged)
     assert (run / "episode.gif").read_bytes()[:6] == b"GIF89a"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -266,28 +328,56 @@ def test_train_logs_curves_and_evaluate_reproduces_the_test_return(train_config,
     tags = set(events.Tags()["scalars"])
     for tag in ("train/episode_return", "train/episode_length", "train/epsilon", "train/loss", "train/q_mean"):
         assert tag in tags, tag
-    assert {"train/steps_per_second", "val/return", "val/return_std"} <= tags
-    assert "val/episode" in events.Tags()["images"]
-    assert events.Scalars("train/epsilon")[-1].step == 400  # x axis: environment steps
+    assert {"train/steps_per_second", "train/lr", "val/return", "val/return_std", "test/return"} <= tags
+    assert "test/episode" in events.Tags()["images"]
+    for tag in ("train/epsilon", "train/lr", "test/return", "test/return_best_val"):  # x axis: environment steps
+        assert events.Scalars(tag)[-1].step == 400, tag
 
-    ckpt = next((run / "checkpoints").glob("epoch_*.ckpt"))
-    eval_cfg = compose_config("eval", [f"ckpt_path={ckpt}", "extras.print_config=false"], tmp_path)
-    eval_cfg.paths.output_dir = str(tmp_path / "eval")
-    scored = evaluate(eval_cfg)
-    assert scored["test/return"] == pytest.approx(logged["test/return"])
-    assert scored["test/return_std"] == pytest.approx(logged["test/return_std"])
+    def score(ckpt: Path, *extra: str) -> dict[str, float]:
+        eval_cfg = compose_config("eval", [f"ckpt_path={ckpt}", "extras.print_config=false", *extra], tmp_path)
+        eval_cfg.paths.output_dir = str(tmp_path / f"eval_{ckpt.stem}_{len(extra)}")
+        return evaluate(eval_cfg)
 
-    render_cfg = compose_config(
-        "eval", [f"ckpt_path={ckpt}", "extras.print_config=false", "render=true", "episodes=2"], tmp_path
-    )
-    render_cfg.paths.output_dir = str(tmp_path / "render")
-    rendered = evaluate(render_cfg)
+    final = score(run / "checkpoints" / "last.ckpt")
+    assert final["test/return"] == pytest.approx(logged["test/return"])
+    assert final["test/return_std"] == pytest.approx(logged["test/return_std"])
+    best = score(next((run / "checkpoints").glob("epoch_*.ckpt")))
+    assert best["test/return"] == pytest.approx(logged["test/return_best_val"])
+    rendered = score(run / "checkpoints" / "last.ckpt", "render=true", "episodes=3")
     assert rendered["test/return"] == pytest.approx(logged["test/return"])  # the same seeds, the same episodes
-    assert (tmp_path / "render" / "episode.gif").read_bytes()[:6] == b"GIF89a"
+    assert (tmp_path / "eval_last_2" / "episode.gif").read_bytes()[:6] == b"GIF89a"
+
+
+def test_the_headline_is_the_final_policy_not_the_best_checkpoint(train_config) -> None:
+    """A run whose best validation came early: test/return scores the weights training ended with."""
+    cfg = train_config(*TINY, "trainer.max_epochs=3", "logger=none", "data.test_episodes=2")
+    datamodule, model = instantiate(cfg.data), build_model(cfg)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=True, callbacks=[])
+    trainer.fit(model, datamodule=datamodule)
+    final = {k: v.clone() for k, v in model.net.state_dict().items()}
+    with torch.no_grad():  # a hand-made policy stands in for an earlier, better-scoring checkpoint
+        for p in model.net.parameters():
+            p.zero_()
+        first, head = model.net.trunk[1], model.net.head  # push the way the pole falls: sign(angle + angular velocity)
+        first.weight[0, 2:] = 1.0
+        first.weight[1, 2:] = -1.0
+        head.weight[1, 0] = head.weight[0, 1] = 1.0
+    env = datamodule.make_env()
+    seeds = datamodule.test_dataloader()
+    by_hand_other = [model.play_episode(env, s)[0] for s in seeds]
+    path = Path(cfg.paths.output_dir) / "other.ckpt"
+    trainer.save_checkpoint(path)
+    model.net.load_state_dict(final)
+    (scores,) = trainer.test(model, datamodule=datamodule, ckpt_path=str(path), weights_only=True, verbose=False)
+    model.net.load_state_dict(final)
+    by_hand = [model.play_episode(env, s)[0] for s in seeds]
+    assert scores["test/return"] == pytest.approx(np.mean(by_hand))
+    assert scores["test/return_best_val"] == pytest.approx(np.mean(by_hand_other))
+    assert np.mean(by_hand_other) > 100 > np.mean(by_hand)  # the two policies are told apart
 
 
 def test_a_short_cartpole_run_beats_a_random_policy(train_config) -> None:
-    """A random policy balances CartPole for about 22 steps; 3k steps of DQN must do clearly better."""
+    """A random policy balances CartPole for about 22 steps; the policy after 3k steps of DQN must do clearly better."""
     cfg = train_config(
         "experiment=dqn_cartpole",
         "data.steps_per_epoch=1000",
@@ -299,10 +389,11 @@ def test_a_short_cartpole_run_beats_a_random_policy(train_config) -> None:
         "model.train_frequency=64",
         "model.exploration_fraction=0.3",
         "model.gif=false",
-        "trainer.max_epochs=3",
+        "data.total_steps=3000",
+        "model.lr_end_factor=1.0",
         "logger=none",
     )
-    cfg.optimized_metric = "test/return"
+    cfg.optimized_metric = "test/return"  # the final policy's
     assert train(cfg) > 60
 
 

@@ -2,8 +2,9 @@
 
 Lightning needs batches to loop over; here a training batch is only the index of an iteration (the task steps
 the environments itself and learns from its replay buffer), a validation or test batch is the seed of one
-greedy evaluation episode. One epoch is `steps_per_epoch` environment steps, followed by `eval_episodes`
-evaluation episodes on a separate environment instance, so checkpoints and early stopping see `val/return`.
+greedy evaluation episode. A run is `total_steps` environment steps; one epoch is `steps_per_epoch` of them,
+followed by `eval_episodes` evaluation episodes on a separate environment instance, so checkpoints and early
+stopping see `val/return`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class EnvDataModule(L.LightningDataModule):
         self,
         env_id: str,
         num_envs: int = 1,
+        total_steps: int | None = None,
         steps_per_epoch: int = 5000,
         eval_episodes: int = 10,
         test_episodes: int = 20,
@@ -73,6 +75,9 @@ class EnvDataModule(L.LightningDataModule):
         for key, value in (("num_envs", num_envs), ("steps_per_epoch", steps_per_epoch)):
             if int(value) < 1:
                 raise UserError(f"data.{key}: must be >= 1, got {value}")
+        if total_steps is not None and int(total_steps) < 1:
+            raise UserError(f"data.total_steps: must be >= 1 (environment steps), got {total_steps}")
+        self.total_steps = None if total_steps is None else int(total_steps)
         for key, value in (("eval_episodes", eval_episodes), ("test_episodes", test_episodes)):
             if int(value) < 1:
                 raise UserError(f"data.{key}: must be >= 1, got {value}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 import warnings
 from collections import deque
@@ -61,6 +62,44 @@ class ReplayBuffer:
         self.actions = torch.zeros(capacity, dtype=torch.long, device=device)
         self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.discounts = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self._views: dict[str, np.ndarray] | None = None
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        """NumPy views of CPU storage: one environment step is then written without building any tensor."""
+        on_cpu = self.actions.device.type == "cpu"
+        self._views = {name: getattr(self, name).numpy() for name in self.FIELDS} if on_cpu else None
+
+    def add_arrays(
+        self,
+        observations: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_observations: np.ndarray,
+        discounts: np.ndarray,
+    ) -> None:
+        """`add` for NumPy rows, as the environments return them: straight into the storage when it is on the CPU."""
+        views = self._views
+        if views is None:
+            self.add(
+                *(
+                    torch.from_numpy(np.asarray(x))
+                    for x in (observations, actions, rewards, next_observations, discounts)
+                )
+            )
+            return
+        count = len(actions)
+        if self.position + count <= self.capacity:
+            index: slice | np.ndarray = slice(self.position, self.position + count)
+        else:
+            index = (self.position + np.arange(count)) % self.capacity
+        views["observations"][index] = observations
+        views["actions"][index] = actions
+        views["rewards"][index] = rewards
+        views["next_observations"][index] = next_observations
+        views["discounts"][index] = discounts
+        self.position = (self.position + count) % self.capacity
+        self.size = min(self.size + count, self.capacity)
 
     def add(
         self,
@@ -90,6 +129,7 @@ class ReplayBuffer:
         """Moves the ring with the module: Lightning moves parameters between devices, not this buffer."""
         for name in self.FIELDS:
             setattr(self, name, getattr(self, name).to(device))
+        self._refresh_views()
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -107,6 +147,82 @@ class ReplayBuffer:
         self.position, self.size = int(state["position"]), int(state["size"])
         for name in self.FIELDS:
             getattr(self, name)[: self.size] = state[name].to(getattr(self, name).device)
+
+
+class PrioritizedReplayBuffer(ReplayBuffer):
+    """Proportional prioritized replay (Schaul et al., 2016): transition i is drawn with probability p_i^a / sum p^a,
+    p_i = |TD error| + eps, and its loss is weighted by (N P(i))^-beta / max_j (N P(j))^-beta to undo the bias.
+
+    A vectorised equivalent of the paper's sum tree: one cumulative sum over the stored priorities per batch and a
+    binary search per draw; O(N) per batch, which for buffers of 10^4 - 10^5 rows costs about what the gradient
+    step does. New transitions get the largest priority seen so far, so each is replayed at least once soon.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        observation_shape: Sequence[int],
+        observation_dtype: torch.dtype,
+        device: torch.device,
+        alpha: float = 0.6,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(capacity, observation_shape, observation_dtype, device)
+        self.alpha, self.eps = alpha, eps
+        self.priorities = torch.zeros(capacity, dtype=torch.float64, device=device)  # p^alpha of each row
+        self.max_priority = 1.0
+
+    def _mark_new(self, start: int, count: int) -> None:
+        index = (start + torch.arange(count)) % self.capacity
+        self.priorities[index.to(self.priorities.device)] = self.max_priority
+
+    def add(self, *rows: torch.Tensor) -> None:
+        start = self.position
+        super().add(*rows)
+        self._mark_new(start, len(rows[1]))
+
+    def add_arrays(self, *rows: np.ndarray) -> None:
+        start = self.position
+        super().add_arrays(*rows)
+        self._mark_new(start, len(rows[1]))
+
+    def sample_prioritized(
+        self, batch_size: int, generator: torch.Generator, beta: float
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """A batch drawn proportionally to p^alpha, its row indices, and its normalised importance weights."""
+        priorities = self.priorities[: self.size]
+        cumulative = torch.cumsum(priorities, 0)
+        total = cumulative[-1]
+        draws = torch.rand(batch_size, generator=generator, dtype=torch.float64).to(priorities.device) * total
+        index = torch.searchsorted(cumulative, draws, right=True).clamp_(max=self.size - 1)
+        probabilities = priorities[index] / total
+        weights = (self.size * probabilities) ** -beta
+        minimum = priorities[priorities > 0].min() / total  # the largest weight belongs to the least likely row
+        weights = (weights / (self.size * minimum) ** -beta).float()
+        return tuple(getattr(self, name)[index] for name in self.FIELDS), index, weights
+
+    def update_priorities(self, index: torch.Tensor, td_errors: torch.Tensor) -> None:
+        values = (td_errors.detach().abs().double() + self.eps) ** self.alpha
+        self.priorities[index] = values.to(self.priorities.device)
+        self.max_priority = max(self.max_priority, float(values.max()))
+
+    def to(self, device: torch.device | str) -> PrioritizedReplayBuffer:
+        super().to(device)
+        self.priorities = self.priorities.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["priorities"] = self.priorities[: self.size].cpu().clone()
+        state["max_priority"] = self.max_priority
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "priorities" not in state:
+            raise UserError("model.prioritized: the checkpoint's replay buffer has no priorities; resume without it")
+        super().load_state_dict(state)
+        self.priorities[: self.size] = state["priorities"].to(self.priorities.device)
+        self.max_priority = float(state["max_priority"])
 
 
 class NStepQueue:
@@ -174,12 +290,20 @@ def update_target(target: nn.Module, online: nn.Module, tau: float) -> None:
 
 class DQNTask(L.LightningModule):
     """DQN with the usual options: double targets, a dueling head (in the network), n-step returns, Huber or MSE
-    loss, hard or soft target updates, gradient clipping by norm, several environments at once.
+    loss, hard or soft target updates, gradient clipping by norm, a learning rate decaying linearly over the run,
+    several environments at once.
 
-    Logs, against environment steps: `train/episode_return`, `train/episode_length`, `train/epsilon`, `train/loss`
-    (TD loss), `train/q_mean`, `train/steps_per_second`, `val/return` (mean over the evaluation episodes),
-    `val/return_std`, `val/length`, `val/return_best`; at test `test/return`, `test/return_std`, `test/length`;
-    at the end of training a GIF of one greedy evaluation episode (`episode.gif` in the run folder, and the
+    The run length is `data.total_steps` environment steps, exactly; epsilon, the learning-rate decay and the
+    target updates count environment steps too, so they do not depend on trainer.max_epochs and a resumed run
+    follows the same schedule. One Lightning iteration is a few rounds of (train_frequency environment steps, then
+    the gradient steps): the loop's per-batch cost is paid once per `iteration_steps` environment steps.
+
+    Logs, against environment steps: `train/episode_return`, `train/episode_length`, `train/epsilon`, `train/lr`,
+    `train/loss` (TD loss), `train/q_mean`, `train/steps_per_second`, `val/return` (mean over the evaluation
+    episodes), `val/return_std`, `val/length`, `val/return_best`. At test: `test/return`, `test/return_std`,
+    `test/length` of the final policy (the weights training ended with), and, when the run tested its
+    best-by-validation checkpoint, that checkpoint's `test/return_best_val` and `test/return_best_val_std` beside it.
+    At the end of training a GIF of one greedy episode of the final policy (`episode.gif` in the run folder, and the
     Images tab of TensorBoard).
     """
 
@@ -207,6 +331,12 @@ class DQNTask(L.LightningModule):
         epsilon_start: float = 1.0,
         epsilon_end: float = 0.05,
         exploration_fraction: float = 0.5,
+        lr_end_factor: float = 1.0,
+        prioritized: bool = False,
+        per_alpha: float = 0.6,
+        per_beta_start: float = 0.4,
+        per_eps: float = 1e-6,
+        iteration_steps: int = 200,
         eval_epsilon: float = 0.0,
         gif: bool = True,
         gif_fps: int = 30,
@@ -232,11 +362,19 @@ class DQNTask(L.LightningModule):
             ("gradient_steps", gradient_steps),
             ("target_update_interval", target_update_interval),
             ("batch_size", batch_size),
+            ("iteration_steps", iteration_steps),
         ):
             if value < 1:
                 raise UserError(f"model.{key}: must be >= 1, got {value}")
         if not 0.0 <= gamma <= 1.0:
             raise UserError(f"model.gamma: {gamma} is outside [0, 1]")
+        if not 0.0 <= lr_end_factor <= 1.0:
+            raise UserError(f"model.lr_end_factor: {lr_end_factor} is outside [0, 1]; 1 keeps the rate constant")
+        if lr_end_factor != 1.0 and scheduler is not None:
+            raise UserError(
+                "scheduler: DQN decays its learning rate itself over environment steps (model.lr_end_factor); "
+                "use scheduler=none with it, or model.lr_end_factor=1.0"
+            )
 
         self.automatic_optimization = False  # several gradient steps, or none, per iteration
         self.data = data
@@ -250,10 +388,18 @@ class DQNTask(L.LightningModule):
         self.double, self.n_step, self.max_grad_norm = double, n_step, max_grad_norm
         self.epsilon_start, self.epsilon_end = epsilon_start, epsilon_end
         self.exploration_fraction, self.eval_epsilon = exploration_fraction, eval_epsilon
+        self.lr_end_factor = lr_end_factor
+        if not 0.0 <= per_alpha <= 1.0 or not 0.0 <= per_beta_start <= 1.0:
+            raise UserError(f"model.per_alpha, model.per_beta_start: {per_alpha}, {per_beta_start}; allowed: [0, 1]")
+        self.prioritized, self.per_alpha, self.per_beta_start, self.per_eps = (
+            prioritized, per_alpha, per_beta_start, per_eps,
+        )  # fmt: skip
         self.gif, self.gif_fps, self.gif_max_frames = gif, gif_fps, gif_max_frames
         self.num_envs = data.num_envs
-        # one training batch = this many steps of the vector env (train_frequency counts single-env steps)
+        # one round = this many steps of the vector env (train_frequency counts single-env steps), then learning
         self.vector_steps = max(1, train_frequency // self.num_envs)
+        self.round_steps = self.vector_steps * self.num_envs
+        self.rounds_per_iteration = max(1, math.ceil(iteration_steps / self.round_steps))
         self.val_return_best = MaxMetric()
         self.val_return_best.persistent(True)  # part of the checkpoint, so a resumed run keeps its best
 
@@ -268,25 +414,38 @@ class DQNTask(L.LightningModule):
         self._envs: gym.vector.VectorEnv | None = None
         self._stats = self._fresh_stats()
         self._eval_results: list[tuple[float, int]] = []
-        self._exploration_steps: float | None = None
+        self._final_results: list[tuple[float, int]] = []
+        self._final: dict[str, Any] | None = None  # the final policy, kept when testing loads another checkpoint
+        self._final_net: nn.Module | None = None
+        self._run_clock = {"seconds": 0.0, "steps": 0}
 
-    # ----- acting -------------------------------------------------------------------------------------------
+    # ----- the schedules, in environment steps -----------------------------------------------------------------
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return self.net(observations)
 
     @property
     def total_env_steps(self) -> int:
+        """data.total_steps; without it (older configs) trainer.max_epochs epochs of data.steps_per_epoch."""
+        total = getattr(self.data, "total_steps", None)
+        if total is not None:
+            return int(total)
         epochs = self.trainer.max_epochs if self._trainer is not None else None
         if epochs is None or epochs < 1:
-            raise UserError("trainer.max_epochs: DQN sets its run length (and epsilon schedule) by epochs; give >= 1")
-        return epochs * self.data.iterations_per_epoch * self.vector_steps * self.num_envs
+            raise UserError("data.total_steps: DQN needs a run length; give data.total_steps (environment steps)")
+        return epochs * self.data.iterations_per_epoch * self.data.env_steps_per_iteration
 
     def epsilon(self, step: int | None = None) -> float:
-        if self._exploration_steps is None:  # set once per fit (on_fit_start), as the run length is known then
-            self._exploration_steps = self.exploration_fraction * self.total_env_steps
-        duration = self._exploration_steps
+        duration = self.exploration_fraction * self.total_env_steps
         return linear_schedule(self.epsilon_start, self.epsilon_end, duration, self.env_steps if step is None else step)
+
+    def learning_rate_factor(self, step: int | None = None) -> float:
+        """Linear from 1 at step 0 to lr_end_factor at the last environment step of the run."""
+        return linear_schedule(1.0, self.lr_end_factor, self.total_env_steps, self.env_steps if step is None else step)
+
+    def per_beta(self, step: int | None = None) -> float:
+        """Importance-sampling exponent: per_beta_start at step 0, 1 at the run's end, where the bias matters most."""
+        return linear_schedule(self.per_beta_start, 1.0, self.total_env_steps, self.env_steps if step is None else step)
 
     @torch.no_grad()
     def act(self, observations: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
@@ -307,11 +466,23 @@ class DQNTask(L.LightningModule):
         return seed
 
     def _attach(self, envs: gym.vector.VectorEnv) -> None:
-        """Reset fresh environments, or replay the episodes in progress of a checkpoint (same seeds, same actions)."""
+        """Reset fresh environments, or replay the episodes in progress of a checkpoint (same seeds, same actions).
+
+        The task steps the copies inside the vector env one by one: with autoreset off this is what the vector env
+        does too, less its per-step stacking and copying.
+        """
         self._envs = envs
+        subs = envs.envs
+        dtype = self.data.observation_dtype
+        self._scratch = {
+            "next_observations": np.zeros((self.num_envs, *self.data.observation_shape), dtype=dtype),
+            "rewards": np.zeros(self.num_envs),
+            "terminated": np.zeros(self.num_envs, dtype=bool),
+            "truncated": np.zeros(self.num_envs, dtype=bool),
+        }
         if self._pending is None:
             seeds = [self._start_episode() for _ in range(self.num_envs)]
-            observations, _ = envs.reset(seed=seeds)
+            observations = np.stack([sub.reset(seed=seed)[0] for sub, seed in zip(subs, seeds)]).astype(dtype)
             self.env = {
                 "observations": observations,
                 "seeds": seeds,
@@ -322,57 +493,79 @@ class DQNTask(L.LightningModule):
             }
             return
         state, self._pending = self._pending, None
-        envs.reset(seed=list(state["seeds"]))
-        for i, actions in enumerate(state["actions"]):
-            sub_env = envs.envs[i]
+        for i, (sub, seed, actions) in enumerate(zip(subs, state["seeds"], state["actions"])):
+            observation, _ = sub.reset(seed=int(seed))
             for action in actions:
-                observation, *_ = sub_env.step(action)
-            if actions and not np.array_equal(observation, state["observations"][i]):
+                observation, *_ = sub.step(action)
+            if not np.array_equal(observation, state["observations"][i]):
                 warnings.warn("replaying the episode in progress gave another state: resume is not exact", stacklevel=2)
         queues = []
         for items in state["queues"]:
             queue = NStepQueue(self.n_step, self.gamma)
             queue.items.extend(items)
             queues.append(queue)
-        self.env = {**state, "actions": [list(a) for a in state["actions"]], "queues": queues}
+        self.env = {
+            **state,
+            "observations": np.array(state["observations"], dtype=dtype),
+            "actions": [list(a) for a in state["actions"]],
+            "queues": queues,
+        }
 
-    def _env_step(self, envs: gym.vector.VectorEnv) -> None:
-        env = self.env
-        observations = torch.as_tensor(env["observations"])
-        actions = self.act(observations.to(self.device), self.epsilon(), self.generator)
-        next_observations, rewards, terminated, truncated, _ = envs.step(actions.numpy())
-        if self.n_step == 1:  # the common case without a Python loop over environments
-            discounts = torch.as_tensor(self.gamma * ~terminated, dtype=torch.float32)
-            self.buffer.add(
-                observations, actions, torch.as_tensor(rewards), torch.as_tensor(next_observations), discounts
-            )
-        else:
-            for i, queue in enumerate(env["queues"]):
-                for row in queue.push(
-                    env["observations"][i], int(actions[i]), float(rewards[i]), next_observations[i],
-                    bool(terminated[i]), bool(truncated[i]),
-                ):  # fmt: skip
-                    o, a, r, n, d = (torch.as_tensor(np.asarray(x))[None] for x in row)
-                    self.buffer.add(o, a, r, n, d)
-        self.env_steps += self.num_envs
-        env["returns"] += rewards
-        env["lengths"] += 1
-        for i, action in enumerate(actions.tolist()):
-            env["actions"][i].append(action)
-        done = terminated | truncated
-        if done.any():
-            for i in np.flatnonzero(done):
-                self._stats["episode_returns"].append(float(env["returns"][i]))
-                self._stats["episode_lengths"].append(int(env["lengths"][i]))
-                env["seeds"][i] = self._start_episode()
-                env["returns"][i], env["lengths"][i], env["actions"][i] = 0.0, 0, []
-            next_observations, _ = envs.reset(seed=list(env["seeds"]), options={"reset_mask": done})
-        env["observations"] = next_observations
+    def _env_steps(self, count: int) -> None:
+        """`count` epsilon-greedy steps of every environment, stored in the replay buffer.
+
+        The exploration draws of all `count` steps come from the generator in two calls, and the greedy action
+        is computed only when some environment does not explore: the same draws whatever the network says.
+        """
+        env, subs, scratch = self.env, self._envs.envs, self._scratch
+        observations, next_observations = env["observations"], scratch["next_observations"]
+        rewards, terminated, truncated = scratch["rewards"], scratch["terminated"], scratch["truncated"]
+        draws = torch.rand((count, self.num_envs), generator=self.generator).numpy()
+        random_actions = torch.randint(self.data.num_actions, (count, self.num_envs), generator=self.generator)
+        random_actions = random_actions.numpy()
+        net, device, steps = self.net, self.device, self.env_steps  # a local counter: no Module.__setattr__ per step
+        for k in range(count):
+            explore = draws[k] < self.epsilon(steps)
+            actions = random_actions[k]
+            if not explore.all():
+                with torch.inference_mode():
+                    greedy = net(torch.from_numpy(observations).to(device)).argmax(dim=1).cpu().numpy()
+                actions = np.where(explore, actions, greedy)
+            for i, sub in enumerate(subs):
+                next_observations[i], rewards[i], terminated[i], truncated[i], _ = sub.step(int(actions[i]))
+            if self.n_step == 1:  # the common case without a Python loop over environments
+                discounts = np.where(terminated, 0.0, self.gamma)
+                self.buffer.add_arrays(observations, actions, rewards, next_observations, discounts)
+            else:
+                for i, queue in enumerate(env["queues"]):
+                    for row in queue.push(
+                        observations[i].copy(), int(actions[i]), float(rewards[i]), next_observations[i].copy(),
+                        bool(terminated[i]), bool(truncated[i]),
+                    ):  # fmt: skip
+                        o, a, r, n, d = row
+                        self.buffer.add_arrays(o[None], np.array([a]), np.array([r]), n[None], np.array([d]))
+            steps += self.num_envs
+            env["returns"] += rewards
+            env["lengths"] += 1
+            for i in range(self.num_envs):
+                env["actions"][i].append(int(actions[i]))
+            np.copyto(observations, next_observations)
+            if terminated.any() or truncated.any():
+                for i in np.flatnonzero(terminated | truncated):
+                    self._stats["episode_returns"].append(float(env["returns"][i]))
+                    self._stats["episode_lengths"].append(int(env["lengths"][i]))
+                    env["seeds"][i] = self._start_episode()
+                    env["returns"][i], env["lengths"][i], env["actions"][i] = 0.0, 0, []
+                    observations[i] = subs[i].reset(seed=env["seeds"][i])[0]
+        self.env_steps = steps
 
     # ----- learning ---------------------------------------------------------------------------------------
 
-    def td_loss(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The TD loss of a batch (s, a, r, s', discount) and the mean Q(s, a), for logging."""
+    def td_loss(
+        self, batch: Sequence[torch.Tensor], weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The TD loss of a batch (s, a, r, s', discount), weighted per row when given (prioritized replay), the
+        mean Q(s, a) for logging, and the TD errors, which prioritized replay turns into new priorities."""
         observations, actions, rewards, next_observations, discounts = batch
         with torch.no_grad():
             next_q_target = self.target_net(next_observations)
@@ -381,13 +574,28 @@ class DQNTask(L.LightningModule):
                 rewards, discounts, next_q_target.float(), None if next_q_online is None else next_q_online.float()
             )
         q = self.net(observations).gather(1, actions[:, None]).squeeze(1).float()
-        loss = F.smooth_l1_loss(q, targets) if self.loss_name == "huber" else F.mse_loss(q, targets)
-        return loss, q.detach().mean()
+        reduction = "mean" if weights is None else "none"
+        if self.loss_name == "huber":
+            loss = F.smooth_l1_loss(q, targets, reduction=reduction)
+        else:
+            loss = F.mse_loss(q, targets, reduction=reduction)
+        if weights is not None:
+            loss = (loss * weights).mean()
+        return loss, q.detach().mean(), (q - targets).detach()
 
     def _learn(self) -> None:
         optimizer = self.optimizers()
+        if self.lr_end_factor != 1.0:  # a function of environment steps: a resumed run continues the same line
+            factor = self.learning_rate_factor()
+            for group in optimizer.optimizer.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         for _ in range(self.gradient_steps):
-            loss, q_mean = self.td_loss(self.buffer.sample(self.batch_size, self.generator))
+            if self.prioritized:
+                batch, index, weights = self.buffer.sample_prioritized(self.batch_size, self.generator, self.per_beta())
+                loss, q_mean, td_errors = self.td_loss(batch, weights)
+                self.buffer.update_priorities(index, td_errors)
+            else:
+                loss, q_mean, _ = self.td_loss(self.buffer.sample(self.batch_size, self.generator))
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             if self.max_grad_norm:
@@ -402,16 +610,19 @@ class DQNTask(L.LightningModule):
         envs = self.trainer.datamodule.train_envs
         if self._envs is not envs:
             self._attach(envs)
-        before = self.env_steps
-        for _ in range(self.vector_steps):
-            self._env_step(envs)
-        if self.env_steps >= self.learning_starts and self.buffer.size >= self.batch_size:
-            self._learn()
-            if before // self.target_update_interval != self.env_steps // self.target_update_interval:
-                update_target(self.target_net, self.net, self.tau)
-            scheduler = self.lr_schedulers()
-            if scheduler is not None and self._scheduler_interval == "step":
-                scheduler.step()
+        total = self.total_env_steps
+        for _ in range(self.rounds_per_iteration):
+            if self.env_steps >= total:  # the budget is exact: the last epoch's spare iterations do nothing
+                break
+            before = self.env_steps
+            self._env_steps(min(self.vector_steps, math.ceil((total - self.env_steps) / self.num_envs)))
+            if self.env_steps >= self.learning_starts and self.buffer.size >= self.batch_size:
+                self._learn()
+                if before // self.target_update_interval != self.env_steps // self.target_update_interval:
+                    update_target(self.target_net, self.net, self.tau)
+                scheduler = self.lr_schedulers()
+                if scheduler is not None and self._scheduler_interval == "step":
+                    scheduler.step()
         if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0 or self.trainer.fast_dev_run:
             self._log_training()
 
@@ -421,18 +632,39 @@ class DQNTask(L.LightningModule):
     def _fresh_stats() -> dict[str, Any]:
         return {"loss": 0.0, "q": 0.0, "count": 0, "episode_returns": [], "episode_lengths": [], "time": None}
 
-    def _log_scalars(self, metrics: dict[str, float]) -> None:
+    def _log_scalars(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Straight to every logger with environment steps as the x axis, the convention of RL curves."""
         if self.trainer.is_global_zero:
             for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.env_steps)
+                logger.log_metrics(metrics, step=self.env_steps if step is None else step)
+
+    def on_train_start(self) -> None:
+        # a run resumed from a checkpoint saved inside an epoch (a SIGTERM, say) restarts without on_train_epoch_start
+        self.on_train_epoch_start()
 
     def on_train_epoch_start(self) -> None:
         self._stats["time"], self._stats["steps"] = time.perf_counter(), self.env_steps
+        self._epoch_clock = {"start": time.perf_counter(), "steps": self.env_steps, "validating": 0.0}
+
+    def on_train_epoch_end(self) -> None:
+        clock = self._epoch_clock
+        self._run_clock["seconds"] += time.perf_counter() - clock["start"] - clock["validating"]
+        self._run_clock["steps"] += self.env_steps - clock["steps"]
+        if self._run_clock["seconds"] > 0:  # the whole run's figure (evaluation episodes excluded), for metrics.json
+            self.log("train/steps_per_second", self._run_clock["steps"] / self._run_clock["seconds"], logger=False)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self._scheduler_interval == "epoch":
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(self.trainer.callback_metrics.get(self.monitor, 0.0))
+            else:
+                scheduler.step()
 
     def _log_training(self) -> None:
         stats, now = self._stats, time.perf_counter()
         metrics = {"train/epsilon": self.epsilon()}
+        optimizers = self.trainer.optimizers
+        if optimizers:
+            metrics["train/lr"] = float(optimizers[0].param_groups[0]["lr"])
         if stats["time"] is not None and now > stats["time"]:
             metrics["train/steps_per_second"] = (self.env_steps - stats["steps"]) / (now - stats["time"])
         if stats["count"]:
@@ -442,9 +674,9 @@ class DQNTask(L.LightningModule):
             metrics["train/episode_return"] = float(np.mean(stats["episode_returns"]))
             metrics["train/episode_length"] = float(np.mean(stats["episode_lengths"]))
         self._log_scalars(metrics)
-        for name in ("train/loss", "train/episode_return", "train/steps_per_second"):
+        for name in ("train/loss", "train/episode_return"):
             if name in metrics:  # for the progress bar and metrics.json; the curves went to the loggers above
-                self.log(name, metrics[name], logger=False, prog_bar=name != "train/steps_per_second")
+                self.log(name, metrics[name], logger=False, prog_bar=True)
         self._stats = self._fresh_stats()
         self._stats["time"], self._stats["steps"] = now, self.env_steps
 
@@ -452,9 +684,15 @@ class DQNTask(L.LightningModule):
 
     @torch.no_grad()
     def play_episode(
-        self, env: gym.Env, seed: int, epsilon: float = 0.0, render: bool = False
+        self,
+        env: gym.Env,
+        seed: int,
+        epsilon: float = 0.0,
+        render: bool = False,
+        net: nn.Module | None = None,
     ) -> tuple[float, int, list[np.ndarray]]:
         """One episode from `env.reset(seed=seed)`, greedy (or epsilon-greedy with a generator seeded by `seed`)."""
+        net = self.net if net is None else net
         generator = torch.Generator().manual_seed(seed)
         observation, _ = env.reset(seed=seed)
         total, length, frames = 0.0, 0, []
@@ -462,7 +700,12 @@ class DQNTask(L.LightningModule):
             if render and len(frames) < self.gif_max_frames:
                 frames.append(env.render())
             obs = torch.as_tensor(observation, device=self.device)[None]
-            action = int(self.act(obs, epsilon, generator)[0]) if epsilon > 0 else int(self.net(obs).argmax(dim=1)[0])
+            if epsilon > 0:
+                explore = float(torch.rand(1, generator=generator)) < epsilon
+                random_action = int(torch.randint(self.data.num_actions, (1,), generator=generator))
+                action = random_action if explore else int(net(obs).argmax(dim=1)[0])
+            else:
+                action = int(net(obs).argmax(dim=1)[0])
             observation, reward, terminated, truncated, _ = env.step(action)
             total, length = total + float(reward), length + 1
             if terminated or truncated:
@@ -472,10 +715,11 @@ class DQNTask(L.LightningModule):
         total, length, _ = self.play_episode(self.trainer.datamodule.eval_env, int(seed), self.eval_epsilon)
         self._eval_results.append((total, length))
 
-    def _summary(self, split: str) -> dict[str, float]:
-        returns = np.array([r for r, _ in self._eval_results])
-        lengths = np.array([n for _, n in self._eval_results])
-        self._eval_results = []
+    def _summary(self, split: str, results: list[tuple[float, int]] | None = None) -> dict[str, float]:
+        if results is None:
+            results, self._eval_results = self._eval_results, []
+        returns = np.array([r for r, _ in results])
+        lengths = np.array([n for _, n in results])
         return {
             f"{split}/return": float(returns.mean()),
             f"{split}/return_std": float(returns.std()),
@@ -487,8 +731,11 @@ class DQNTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         summary = self._summary("val")
-        if self._stats.get("time") is not None:  # the steps-per-second clock stops while evaluating
-            self._stats["time"] += time.perf_counter() - self._validation_started
+        elapsed = time.perf_counter() - self._validation_started
+        if self._stats.get("time") is not None:  # the steps-per-second clocks stop while evaluating
+            self._stats["time"] += elapsed
+        if getattr(self, "_epoch_clock", None) is not None and not self.trainer.sanity_checking:
+            self._epoch_clock["validating"] += elapsed
         if self.trainer.sanity_checking:  # the sanity check's untrained score is no "best"
             return
         self.val_return_best(summary["val/return"])
@@ -498,32 +745,71 @@ class DQNTask(L.LightningModule):
         for name, value in summary.items():
             self.log(name, value, logger=False, prog_bar=name in ("val/return", "val/return_best"))
 
+    def on_fit_end(self) -> None:
+        """Keeps the final policy: testing after fit may load the best-by-validation checkpoint into `net`."""
+        self._final = {
+            "state": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            "env_steps": self.env_steps,
+        }
+        if self.buffer is not None:  # frees the GPU memory of the buffer with the rest of the module
+            self.buffer.to("cpu")
+
+    def on_test_epoch_start(self) -> None:
+        """After fit, the tested checkpoint (Lightning loads the best-by-validation one) is scored beside the final
+        policy, on the same episodes; testing the final weights themselves plays them once."""
+        self._final_net, self._score_best = None, False
+        self._eval_results, self._final_results = [], []
+        if self._final is None or self.trainer.ckpt_path is None:
+            return
+        self._score_best = True
+        loaded = self.net.state_dict()
+        if all(torch.equal(v.cpu(), self._final["state"][k]) for k, v in loaded.items()):
+            return
+        self._final_net = copy.deepcopy(self.net)
+        self._final_net.load_state_dict(self._final["state"])
+        self._final_net.eval()
+
     def test_step(self, seed: int, batch_idx: int) -> None:
-        total, length, _ = self.play_episode(self.trainer.datamodule.eval_env, int(seed))
+        env = self.trainer.datamodule.eval_env
+        total, length, _ = self.play_episode(env, int(seed))
         self._eval_results.append((total, length))
+        if self._final_net is not None:
+            total, length, _ = self.play_episode(env, int(seed), net=self._final_net)
+            self._final_results.append((total, length))
 
     def on_test_epoch_end(self) -> None:
-        for name, value in self._summary("test").items():
+        """test/return is the final policy's; the best-by-validation checkpoint's is test/return_best_val."""
+        tested = self._summary("test", self._eval_results)
+        summary = self._summary("test", self._final_results) if self._final_net is not None else dict(tested)
+        if self._score_best:
+            summary["test/return_best_val"] = tested["test/return"]
+            summary["test/return_best_val_std"] = tested["test/return_std"]
+        self._eval_results, self._final_results, self._final_net = [], [], None
+        for name, value in summary.items():
             self.log(name, value)
+        # Lightning writes these to the loggers after this hook, at its batch counter: for the test figures, the
+        # counter shows the environment steps of the tested run instead, and is put back at the end of testing
+        loop = self.trainer.fit_loop.epoch_loop
+        self._batch_counter = loop._batches_that_stepped
+        loop._batches_that_stepped = self.env_steps if self._final is None else self._final["env_steps"]
 
-    def on_train_epoch_end(self) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and self._scheduler_interval == "epoch":
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(self.trainer.callback_metrics.get(self.monitor, 0.0))
-            else:
-                scheduler.step()
+    def on_test_end(self) -> None:
+        if getattr(self, "_batch_counter", None) is not None:
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._batch_counter
+            self._batch_counter = None
 
     def on_train_end(self) -> None:
-        """A GIF of one greedy evaluation episode in the run folder, and in TensorBoard's Images tab."""
+        """A GIF of one greedy episode of the final policy in the run folder, and in TensorBoard's Images tab."""
         if not self.gif or self.trainer.fast_dev_run or not self.trainer.is_global_zero:
             return
         path = Path(self.trainer.default_root_dir) / "episode.gif"
-        total, length = self.write_gif(path, self.data.eval_seed)
+        total, length = self.write_gif(path, self.data.test_seed)
         writer = figures.tensorboard_writer(self.loggers)
         if writer is not None:
-            add_gif(writer, "val/episode", path, self.env_steps)
-        print(f"evaluation episode (return {total:.1f}, {length} steps) written to {path}")
+            add_gif(writer, "test/episode", path, self.env_steps)
+        print(
+            f"final policy: test episode of seed {self.data.test_seed} (return {total:.1f}, {length} steps) in {path}"
+        )
 
     def write_gif(self, path: Path, seed: int) -> tuple[float, int]:
         env = self.data.make_env(render_mode="rgb_array")
@@ -578,29 +864,45 @@ class DQNTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_fit_start(self) -> None:
-        self._exploration_steps = None
         dm = self.trainer.datamodule
-        dm.env_steps_per_iteration = self.vector_steps * self.num_envs
-        self.data.env_steps_per_iteration = dm.env_steps_per_iteration
+        self._sync_iteration_size(dm)
         if self.buffer is None:
             dtype = torch.from_numpy(np.zeros(0, dtype=dm.observation_dtype)).dtype
-            self.buffer = ReplayBuffer(self.buffer_size, dm.observation_shape, dtype, self.device)
+            if self.prioritized:
+                self.buffer = PrioritizedReplayBuffer(
+                    self.buffer_size, dm.observation_shape, dtype, self.device, self.per_alpha, self.per_eps
+                )
+            else:
+                self.buffer = ReplayBuffer(self.buffer_size, dm.observation_shape, dtype, self.device)
         self.buffer.to(self.device)  # a second fit may run on another device
         pending = getattr(self, "_pending_buffer", None)
         if pending is not None:
             self.buffer.load_state_dict(pending)
             self._pending_buffer = None
+        self._final, self._run_clock = None, {"seconds": 0.0, "steps": 0}
 
-    def on_fit_end(self) -> None:
-        """Frees the GPU memory of the buffer with the rest of the module, which Lightning moves to the CPU."""
-        if self.buffer is not None:
-            self.buffer.to("cpu")
+    def _sync_iteration_size(self, dm: Any) -> None:
+        for module in {id(dm): dm, id(self.data): self.data}.values():
+            module.env_steps_per_iteration = self.rounds_per_iteration * self.round_steps
 
     def setup(self, stage: str) -> None:
-        """The datamodule cuts epochs into iterations of this task's size before Lightning asks for batches."""
-        if self._trainer is not None and self.trainer.datamodule is not None:
-            self.trainer.datamodule.env_steps_per_iteration = self.vector_steps * self.num_envs
-        self.data.env_steps_per_iteration = self.vector_steps * self.num_envs
+        """Sizes the epochs and the run before Lightning asks for batches.
+
+        The run is data.total_steps environment steps: the epochs it takes replace trainer.max_epochs. No sanity
+        validation: an untrained policy's episodes only cost time. The learning rate is logged by the task, against
+        environment steps, in place of the trainer-wide callback that counts batches.
+        """
+        trainer = self._trainer
+        dm = trainer.datamodule if trainer is not None and trainer.datamodule is not None else self.data
+        self._sync_iteration_size(dm)
+        if trainer is None or stage != "fit":
+            return
+        trainer.num_sanity_val_steps = 0
+        trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ != "LearningRates"]
+        total = getattr(self.data, "total_steps", None)
+        if total is not None and not trainer.fast_dev_run:
+            epoch_steps = self.data.iterations_per_epoch * self.data.env_steps_per_iteration
+            trainer.fit_loop.max_epochs = max(1, math.ceil(int(total) / epoch_steps))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         env = self.env
