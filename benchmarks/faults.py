@@ -448,7 +448,7 @@ def nan_injected(bench: Bench, family: Family, folder: Path) -> str:
     Infinities elsewhere are allowed: a metric's running best (e.g. `val_fid_best.min_value`) starts at +-inf."""
     import torch
 
-    env = {**bench.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS), os.environ.get("PYTHONPATH")]))}
+    env = with_benchmarks_on_path(bench.env)
     args = [*family.args(bench.corpus, 3), *EVERY_EPOCH, "+callbacks.poison._target_=faults.PoisonWeights"]
     result = bench.run("train.py", args, folder / "poisoned", env)
     poisoned = [line.split()[1] for line in result.stderr.splitlines() if line.startswith("poisoned ")]
@@ -526,6 +526,11 @@ FAULTS: dict[str, str] = {
 # ---------------------------------------------------------------------------------------------- table 2: payloads
 
 
+def with_benchmarks_on_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this folder on PYTHONPATH, so that a subprocess can import `faults` (its callback, its payload)."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS), os.environ.get("PYTHONPATH")]))}
+
+
 class Payload:
     """Unpickling this creates `marker`: what a malicious checkpoint would do instead."""
 
@@ -595,7 +600,7 @@ ENTRIES = {
     "sample": "evaluate.py ckpt_path=<GAN> mode=sample",
     "scorer": "evaluate.py ckpt_path=<GAN> scorer_ckpt_path=...",
     "xgboost": "evaluate.py ckpt_path=<XGBoost run>/model.json",
-    "control": "control: trust_config=true / weights_only=False",
+    "control": "control: trust_config=true / the payload's call",
 }
 REFUSALS = ("refused to load", "outside the zoo's allow-list", "is not a readable")
 
@@ -631,8 +636,13 @@ def payload_cell(bench: Bench, runs: Runs, entry: str, payload: str, folder: Pat
         poison_config(run, payload, marker)
 
     if entry == "control" and payload == "pickle":
-        loader = "import sys, torch; torch.load(sys.argv[1], weights_only=False)"
-        result = bench.finish(bench.start(["-c", loader, str(ckpt)], folder / "load"), folder / "load")
+        # what an unpickler would call for the payload, called without unpickling anything
+        caller = (
+            "import sys, pathlib; from faults import Payload; "
+            "f, a = Payload(pathlib.Path(sys.argv[1])).__reduce__(); f(*a)"
+        )
+        env = with_benchmarks_on_path(bench.env)
+        result = bench.finish(bench.start(["-c", caller, str(marker)], folder / "load", env), folder / "load")
     elif entry == "resume":
         result = bench.run("train.py", [*CLASSIFICATION, f"ckpt_path={ckpt}"], folder / "resumed")
     else:

@@ -37,6 +37,7 @@ from common import QUIET as COMMON_QUIET
 from common import compose_config, real_and_noise_scores
 from omegaconf import DictConfig, OmegaConf
 
+from zoo.records import load_checkpoint
 from zoo.run import evaluate, train
 
 QUIET = [*COMMON_QUIET, "logger=none"]
@@ -89,7 +90,7 @@ def score_last_checkpoint(cfg: DictConfig) -> dict[str, float]:
 def generator_steps(cfg: DictConfig) -> int:
     """Generator steps the run took, as its last checkpoint counts them."""
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    return int(torch.load(last, map_location="cpu", weights_only=False)["gan_steps"]["g_steps"])
+    return int(load_checkpoint(last)["gan_steps"]["g_steps"])
 
 
 def run_all(

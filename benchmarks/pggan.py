@@ -55,7 +55,7 @@ def run_one(seed: int, root: Path, overrides: list[str], threads: int | None) ->
     train(cfg)
     seconds = time.perf_counter() - start
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     row: dict[str, Any] = {name: metrics[f"test/{name}"] for name in SCORES}
     grown = score_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", root / f"eval_seed{seed}")
     row.update({f"last_{name}": grown[f"test/{name}"] for name in SCORES})

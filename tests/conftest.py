@@ -66,7 +66,7 @@ def checkpoint(cfg: DictConfig, name: str = "last.ckpt") -> dict:
     """A checkpoint of the run of `cfg`, loaded on the CPU."""
     import torch
 
-    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / name, map_location="cpu", weights_only=False)
+    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / name, map_location="cpu", weights_only=True)
 
 
 def interrupted_and_resumed(

@@ -107,5 +107,5 @@ def test_max_time_stops_training_and_the_test_still_runs(train_config) -> None:
     train(cfg)
     output_dir = Path(cfg.paths.output_dir)
     assert "test/acc" in json.loads((output_dir / "metrics.json").read_text())
-    last = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert 0 < last["epoch"] < 299, last["epoch"]  # stopped by the clock, not by max_epochs

@@ -68,7 +68,7 @@ def column(rows: list[dict[str, str]], name: str) -> list[float]:
 
 
 def last_ckpt(cfg) -> dict:
-    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(autouse=True)
@@ -540,7 +540,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(train_confi
     assert "\n" not in message and message.startswith("training diverged: loss_d is nan at epoch 1")
     last = Path(message.split("the last good checkpoint is ")[1].split(";")[0])
     assert last.parent == Path(cfg.paths.output_dir) / "checkpoints"
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["epoch"] == 0 and all(
         torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point()
     )
@@ -678,9 +678,7 @@ def test_gradient_clipping_by_hand_bounds_each_sgd_step(train_config) -> None:
         )  # fmt: skip
         train(cfg)
         folder = Path(cfg.paths.output_dir) / "checkpoints"
-        first, last = (
-            torch.load(folder / f, weights_only=False)["state_dict"] for f in ("epoch_000.ckpt", "last.ckpt")
-        )
+        first, last = (torch.load(folder / f, weights_only=True)["state_dict"] for f in ("epoch_000.ckpt", "last.ckpt"))
         keys = [k for k in last if k.startswith("discriminator.") and k.endswith(("weight", "bias"))]
         changes[clip] = torch.cat([(last[k] - first[k]).flatten() for k in keys]).norm().item()
     assert changes["1e-6"] <= 4 * 1e-6 * 1.001 < 1e-3 < changes["null"], changes  # 4 steps of norm <= lr * clip

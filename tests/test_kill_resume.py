@@ -17,82 +17,26 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from tests import test_cyclegan, test_pggan, test_transformer
 from tests.conftest import QUICK, ROOT, compose_config
 from zoo.run import train
 
 TIMEOUT = 300  # seconds a subprocess may take before the test gives up on it
 EVERY_EPOCH = ["callbacks.model_checkpoint.save_top_k=-1", "test=false", "logger=none"]
 
-# the settings below are those of the families' own resume tests: seconds per run on one CPU thread
-PGGAN = [
-    "experiment=pggan_mnist",
-    "data.input_shape=[1,8,8]",
-    # phases of 24 images: 4x4 in 3 steps of 8, the 8x8 fade-in and stabilization in 6 steps of 4 each; 3 steps an
-    # epoch: 5 epochs, and epoch 1 ends at step 6, in the middle of the fade-in
-    "data.steps_per_epoch=3",
-    "data.eval_batch_size=200",
-    "model.resolutions=[4,8]",
-    "model.images_per_phase=24",
-    "model.batch_sizes=[8,4]",
-    "model.generator.latent_dim=16",
-    "model.generator.channel_base=64",
-    "model.generator.max_channels=16",
-    "model.discriminator.channel_base=64",
-    "model.discriminator.max_channels=16",
-    "model.scorer.channels=[8,16]",
-    "model.scorer.hidden=32",
-    "model.scorer.max_steps=5",
-    "scheduler=warmup_cosine",  # a per-step schedule over the whole growth schedule
-    "trainer.limit_val_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.accelerator=cpu",
-]
-CYCLEGAN = [
-    "model=cyclegan",
-    "data=digits_pair",
-    "model.generator.base_channels=4",
-    "model.generator.n_blocks=1",
-    "model.discriminator.base_channels=4",
-    "model.pool_size=4",
-    "model.grid_size=4",
-    "model.scorer=null",
-    # constant for one epoch, then down over three: every epoch after the kill trains at another rate
-    "model.n_epochs=1",
-    "model.n_epochs_decay=3",
-    "data.batch_size=8",
-    "data.eval_batch_size=100",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=1",
-    "trainer.max_epochs=4",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.accelerator=cpu",
-]
-CHAR_LM = [
-    "experiment=char_lm",
-    "data.block_size=16",
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "model.net.d_model=32",
-    "model.net.n_layers=2",
-    "model.sample_tokens=20",
-    "trainer.limit_train_batches=4",
-    "trainer.max_epochs=4",
-]
-SEQ2SEQ = [
-    "model=seq2seq",
-    "data=seq2seq_reverse",
-    "data.max_len=5",
-    "data.num_train=512",
-    "data.num_val=64",
-    "data.num_test=64",
-    "data.batch_size=64",
-    "model.net.d_model=32",
-    "model.net.encoder_layers=1",
-    "model.net.decoder_layers=1",
-    "model.beam_size=2",
-    "trainer.limit_train_batches=4",
-    "trainer.max_epochs=4",
-]
+
+def changed(settings: list[str], *overrides: str) -> list[str]:
+    """`settings` with the keys of `overrides` given the new values (Hydra takes each key once)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [s for s in settings if s.split("=", 1)[0] not in keys] + list(overrides)
+
+
+# the families' own tiny settings: seconds per run on one CPU thread
+PGGAN = [*test_pggan.TINY, "scheduler=warmup_cosine"]  # a per-step schedule over the whole growth schedule
+# constant for one epoch, then down over three: every epoch after the kill trains at another rate
+CYCLEGAN = changed([*test_cyclegan.TINY, *test_cyclegan.NO_SCORER], "model.n_epochs_decay=3", "trainer.max_epochs=4")
+CHAR_LM = [*test_transformer.TINY_LM, "trainer.limit_train_batches=4", "trainer.max_epochs=4"]
+SEQ2SEQ = [*test_transformer.TINY_S2S, "trainer.limit_train_batches=4", "trainer.max_epochs=4"]
 RATINGS = ["data=ratings_synthetic", "data.num_users=200", "data.num_items=100", "data.num_ratings=8000"]
 TWO_TOWER = [
     "model=two_tower",
@@ -104,7 +48,6 @@ TWO_TOWER = [
     "trainer.max_epochs=4",
 ]
 MF_IMPLICIT = ["model=mf_implicit", *RATINGS, "model.net.rank=8", "optimizer=adam", "trainer.max_epochs=4"]
-TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "pack my box with five dozen liquor jugs!\n" * 40
 
 
 @pytest.fixture(autouse=True)
@@ -275,7 +218,7 @@ def test_cyclegan_keeps_its_image_pools_and_learning_rate_decay(train_config, tm
 
 def test_char_lm_resumes_exactly(train_config, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
+    corpus.write_text(test_transformer.TEXT, encoding="utf-8")
     assert_same_training_state(*killed_and_resumed(train_config, tmp_path, *CHAR_LM, f"data.path={corpus}"))
 
 

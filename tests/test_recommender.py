@@ -395,7 +395,7 @@ def test_evaluate_reproduces_the_test_metrics_and_tensorboard_has_the_projector(
     labels = metadata.read_text().splitlines()
     assert labels[0] == "item 0" and len(labels) == 100
     # the projector holds the vectors of the checkpoint the test metrics used, under that checkpoint's step
-    best = torch.load(ckpt, map_location="cpu", weights_only=False)
+    best = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert metadata.parent.parent.name == f"{best['global_step']:05d}"
 
 

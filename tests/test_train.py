@@ -106,7 +106,7 @@ def test_last_checkpoint_is_the_newest_state_even_when_the_metric_stalls(train_c
     train(cfg)
     checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
     assert [p.name for p in checkpoints.glob("epoch_*.ckpt")] == ["epoch_000.ckpt"]
-    last = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert last["epoch"] == 2 and last["global_step"] == 6
 
 
@@ -121,7 +121,7 @@ def test_last_checkpoint_is_written_in_epochs_without_validation(train_config) -
         "logger=none",
     )
     train(cfg)
-    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 2 and last["global_step"] == 6
 
 
@@ -191,7 +191,7 @@ def test_accumulation_makes_fewer_optimizer_steps(train_config) -> None:
             folder=f"acc{accumulate}",
         )
         train(cfg)
-        steps[accumulate] = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)[
+        steps[accumulate] = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)[
             "global_step"
         ]
     assert steps[4] == -(-steps[1] // 4)
