@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 from torch.nn import functional as F
 
-from zoo.nn.qnet import QNetwork
+from zoo.nn.dqn import QNetwork
 from zoo.run import train
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

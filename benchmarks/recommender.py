@@ -159,7 +159,7 @@ def surprise_fold(name: str, train: Any, test: Any, scale: tuple[float, float]) 
 
 def movielens_side_by_side(args: argparse.Namespace) -> None:
     """Surprise's protocol on the MovieLens folder: the zoo recipe, Surprise's models and the floors, same folds."""
-    from zoo.data.ratings import MovieLensDataModule
+    from zoo.data.recommender import MovieLensDataModule
 
     path = args.movielens.expanduser().resolve()
     wanted = [n.strip() for n in args.surprise.split(",") if n.strip()]

@@ -9,7 +9,7 @@ Why the wheel: RecBole 1.2.1 ships MovieLens 100K in its atomic format (`ml-100k
 package registry is reachable where the internet is not. `pip download --no-deps recbole==1.2.1` fetches the wheel
 (a zip) and the three files are read out of it; nothing is installed. Each written file is checked against the
 SHA-256 recorded here, so a changed wheel or a truncated download fails loudly. Then
-`python train.py experiment=mf_movielens data.path=data/ml-100k` reads them (zoo/data/ratings.py).
+`python train.py experiment=mf_movielens data.path=data/ml-100k` reads them (zoo/data/recommender.py).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import assert_same_final_weights, compose_config, interrupted_and_resumed, run_script
-from zoo.data.env import EnvDataModule
+from zoo.data.dqn import EnvDataModule
 from zoo.errors import UserError
-from zoo.nn.qnet import ConvQNetwork, QNetwork
+from zoo.nn.dqn import ConvQNetwork, QNetwork
 from zoo.run import build_model, evaluate, train
 from zoo.tasks.dqn import (
     DQNTask,

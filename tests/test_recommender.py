@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
-from zoo.data.ratings import (
+from zoo.data.recommender import (
     MovieLensDataModule,
     SyntheticRatingsDataModule,
     generate_ratings,
@@ -21,7 +21,7 @@ from zoo.data.ratings import (
 )
 from zoo.errors import UserError
 from zoo.metrics.ranking import exclude_seen, hit_rate, ndcg, target_ranks
-from zoo.nn.factorization import BiasedMF, ImplicitMF, TwoTower
+from zoo.nn.recommender import BiasedMF, ImplicitMF, TwoTower
 from zoo.run import evaluate, train
 
 SMALL = ["data.num_users=200", "data.num_items=100", "data.num_ratings=8000"]
@@ -606,7 +606,7 @@ def test_val_fraction_zero_trains_on_the_whole_training_fold(train_config) -> No
 
 
 def test_als_sweeps_never_raise_the_objective_and_reach_the_noise_floor() -> None:
-    from zoo.nn.factorization import ALSGroups, als_sweep
+    from zoo.nn.recommender import ALSGroups, als_sweep
 
     data = SyntheticRatingsDataModule(num_users=200, num_items=100, num_ratings=8000, noise_std=0.5)
     users, items, ratings = data.splits["train"]
@@ -652,7 +652,7 @@ def test_als_solver_trains_through_train_py_without_an_optimizer(train_config) -
 
 
 def test_count_exponent_weighs_each_rows_l2_by_its_count_to_that_power(train_config) -> None:
-    from zoo.nn.factorization import ALSGroups, als_sweep
+    from zoo.nn.recommender import ALSGroups, als_sweep
     from zoo.run import build_model
 
     data = SyntheticRatingsDataModule(num_users=100, num_items=60, num_ratings=3000)

@@ -13,8 +13,8 @@ from torch.nn import functional as F
 
 from tests.conftest import assert_same_final_weights, compose_config, interrupted_and_resumed, run_script
 from zoo.cli import describe
-from zoo.data.sequences import Seq2SeqDataModule
-from zoo.data.text import CharTextDataModule, CharVocab, default_corpus
+from zoo.data.char_lm import CharTextDataModule, CharVocab, default_corpus
+from zoo.data.seq2seq import Seq2SeqDataModule
 from zoo.errors import UserError
 from zoo.nn.attention import KVCache, MultiHeadAttention
 from zoo.nn.transformer import DecoderLM, Seq2SeqTransformer, TransformerClassifier

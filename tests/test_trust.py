@@ -179,7 +179,7 @@ def text_corpus(tmp_path: Path) -> str:
 
 FAMILIES = {
     "classification": ["model=mlp", "data=digits_flat", "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
-    "language_model": [*test_transformer.TINY_LM, "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
+    "char_lm": [*test_transformer.TINY_LM, "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
     "seq2seq": [*test_transformer.TINY_S2S, "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
     "mf": ["experiment=mf_synthetic", *test_recommender.SMALL, "trainer.max_epochs=3"],
     "mf_implicit": ["experiment=mf_implicit_synthetic", "trainer.max_epochs=3", "trainer.limit_train_batches=4"],
@@ -195,7 +195,7 @@ def test_divergence_stops_every_family_and_keeps_no_poisoned_checkpoint(
     train_config, tmp_path: Path, family: str
 ) -> None:
     settings = [*FAMILIES[family], "logger=none", "callbacks.model_checkpoint.save_top_k=-1"]
-    if family == "language_model":
+    if family == "char_lm":
         settings.append(text_corpus(tmp_path))
     cfg = train_config(*settings, "+callbacks.poison._target_=tests.test_trust.PoisonWeights")
     with pytest.raises(TrainingDiverged) as error:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MaxMetric
 
-from zoo.data.env import episode_seed
+from zoo.data.dqn import episode_seed
 from zoo.errors import UserError
 from zoo.optim import lr_scheduler_config
 from zoo.tasks import figures
@@ -43,7 +43,7 @@ from zoo.tasks import figures
 if TYPE_CHECKING:
     import gymnasium as gym
 
-    from zoo.data.env import EnvDataModule
+    from zoo.data.dqn import EnvDataModule
 
 LOSSES = ("huber", "mse")
 

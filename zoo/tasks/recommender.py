@@ -2,7 +2,7 @@
 
 Both tasks take the run's rating datamodule itself (`data`, handed over by zoo.run.build_model): the embedding
 tables are sized by its numbers of users and items, which MovieLens only tells once read, and the id
-maps, training statistics, titles and features come from it too (see zoo.data.ratings).
+maps, training statistics, titles and features come from it too (see zoo.data.recommender).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from zoo.optim import with_scheduler
 from zoo.tasks import figures
 
 if TYPE_CHECKING:
-    from zoo.data.ratings import RatingsDataModule
+    from zoo.data.recommender import RatingsDataModule
 
 # one (users x items) score matrix is cut into chunks of at most this many entries
 SCORE_CHUNK = 1 << 22
@@ -301,7 +301,7 @@ class RatingTask(_Recommender):
 
     def _als_step(self, batch_idx: int) -> torch.Tensor | None:
         """One ALS sweep per epoch (at its first batch) over the whole training split; the objective after it."""
-        from zoo.nn.factorization import ALSGroups, als_sweep
+        from zoo.nn.recommender import ALSGroups, als_sweep
 
         if batch_idx != 0:
             return None

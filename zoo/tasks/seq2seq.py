@@ -16,7 +16,7 @@ from zoo.optim import configure_optimizers
 from zoo.tasks import figures
 
 if TYPE_CHECKING:
-    from zoo.data.sequences import Seq2SeqDataModule
+    from zoo.data.seq2seq import Seq2SeqDataModule
 
 SHOWN_EXAMPLES = 8
 

@@ -13,16 +13,16 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric, MinMetric
 
-from zoo.data.text import CharVocab
+from zoo.data.char_lm import CharVocab
 from zoo.errors import UserError
 from zoo.optim import configure_optimizers
 from zoo.tasks import figures
 
 if TYPE_CHECKING:
-    from zoo.data.text import CharTextDataModule
+    from zoo.data.char_lm import CharTextDataModule
 
 
-class LanguageModelTask(L.LightningModule):
+class CharLMTask(L.LightningModule):
     """Trains a decoder-only network (zoo.nn.transformer.DecoderLM) on the windows of a CharTextDataModule.
 
     Logs `train/loss`, `val/loss`, `val/bpc` (loss / ln 2), `val/ppl` (exp loss), `val/ppl_best`, `test/*`,
