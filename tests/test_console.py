@@ -17,6 +17,12 @@ def test_training_and_evaluation_print_each_line_once(tmp_path: Path) -> None:
     said = Counter(line for line in lines if line.startswith("INFO:") or "Seed set to" in line)
     assert said and all(count == 1 for count in said.values()), said
     assert not any("litlogger" in line for line in lines)
+    # the config in a few lines: group choices and what changed, not the whole resolved YAML; no FLOPs of 0
+    assert any(line.startswith("groups: ") and "model=cnn" in line and "data=digits" in line for line in lines)
+    assert "command line: trainer.max_epochs=1" in trained.stdout
+    assert "_target_" not in trained.stdout and "FLOPs" not in trained.stdout + trained.stderr
+    assert any("Total params" in line for line in lines)
+    assert not any("LeafSpec" in line for line in lines)
 
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     assert "Seed set to 42" in (run / "train.log").read_text()  # the run's log file keeps Lightning's lines

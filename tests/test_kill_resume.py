@@ -253,7 +253,9 @@ def test_a_cached_scorer_draws_no_random_numbers_of_the_run(tmp_path: Path) -> N
 # ---- SIGTERM and Ctrl-C: last.ckpt written, a conventional exit code, and the run resumes --------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
 def test_a_signal_stops_the_run_with_last_ckpt_written(train_config, tmp_path: Path, signum: int) -> None:
     settings = [*SEQ2SEQ, "trainer.max_epochs=12", *EVERY_EPOCH]
     process, run = start(tmp_path, "stopped", *settings)

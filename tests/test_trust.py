@@ -100,8 +100,9 @@ def test_a_pickle_payload_is_refused_in_one_line_naming_the_file_and_the_global(
     [
         ("train.py", ["ckpt_path={ckpt}"]),  # resume
         ("evaluate.py", ["ckpt_path={ckpt}"]),  # score
-        ("evaluate.py", ["ckpt_path={ckpt}", "split=val"]),
-        ("evaluate.py", ["ckpt_path={ckpt}", "mode=sample"]),  # a mode of another family: refused before loading
+        pytest.param("evaluate.py", ["ckpt_path={ckpt}", "split=val"], marks=pytest.mark.slow),
+        # a mode of another family: refused before loading
+        pytest.param("evaluate.py", ["ckpt_path={ckpt}", "mode=sample"], marks=pytest.mark.slow),
     ],
 )
 def test_a_poisoned_checkpoint_never_runs_from_any_entry(
@@ -376,7 +377,11 @@ def test_training_the_scorer_first_does_not_change_the_run(train_config, family:
         (["trainer.deterministic=maybe"], "error: trainer.deterministic: expected true or false, got 'maybe'"),
         (["cv.folds=0"], "error: cv.folds: expected an integer >= 2 for k-fold cross-validation, or 1 for none"),
         (["cv.folds=-1"], "error: cv.folds: expected an integer >= 2"),
-        (["data.val_fraction=1.5"], "error: data.val_fraction: expected a number in [0, 1), got 1.5"),
+        pytest.param(
+            ["data.val_fraction=1.5"],
+            "error: data.val_fraction: expected a number in [0, 1), got 1.5",
+            marks=pytest.mark.slow,  # the datamodule's own check: tests/test_data.py has it in-process
+        ),
         (["-m", "hydra/launcher=submitit_slurm"], "error: hydra/launcher=submitit_slurm: no SLURM on this machine"),
     ],
 )
@@ -427,8 +432,17 @@ def test_an_unreadable_scorer_is_blamed_on_scorer_ckpt_path(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["experiment=dcgan_mnist", "optimizer=sgd"], "error: optimizer: this model configures one optimizer per"),
-        (["model=cyclegan", "data=digits_pair", "optimizer=adam"], "error: optimizer: this model configures one"),
+        # the GAN and CycleGAN refusals through train.py; in-process below for the default run
+        pytest.param(
+            ["experiment=dcgan_mnist", "optimizer=sgd"],
+            "error: optimizer: this model configures one optimizer per",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["model=cyclegan", "data=digits_pair", "optimizer=adam"],
+            "error: optimizer: this model configures one",
+            marks=pytest.mark.slow,
+        ),
         (["experiment=xgb_breast_cancer", "optimizer=sgd"], "error: optimizer: XGBoost boosts with its own step"),
         (["experiment=xgb_breast_cancer", "scheduler=step"], "error: scheduler: XGBoost boosts with its own step"),
     ],
@@ -443,3 +457,34 @@ def test_a_group_a_model_would_ignore_is_refused(tmp_path: Path, args: list[str]
 def test_the_gan_models_deselect_the_shared_optimizer(train_config) -> None:
     for model in ("dcgan", "wgan", "wgan_gp", "sngan", "pggan", "cyclegan"):
         assert train_config(f"model={model}", folder=model).optimizer is None, model
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["experiment=dcgan_mnist", "optimizer=sgd"], "optimizer: this model configures one optimizer per network"),
+        (["model=cyclegan", "data=digits_pair", "optimizer=adam"], "optimizer: this model configures one"),
+    ],
+)
+def test_the_adversarial_tasks_refuse_a_shared_optimizer_group(train_config, args: list[str], expected: str) -> None:
+    from zoo.cli import describe
+    from zoo.run import build_model
+
+    with pytest.raises(Exception) as refused:  # noqa: B017 - Hydra wraps the task's UserError
+        build_model(train_config(*args, folder="refused"))
+    assert describe(refused.value).startswith(expected), describe(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("fractions", "expected"),
+    [
+        ((1.5, 0.1), r"^data.val_fraction: expected a number in \[0, 1\), got 1.5$"),
+        ((0.1, "a"), r"^data.test_fraction: expected a number in \[0, 1\), got 'a'$"),
+        ((0.6, 0.4), r"^data.val_fraction \+ data.test_fraction must be < 1, got 1.0$"),
+    ],
+)
+def test_split_fractions_are_checked_where_the_config_names_them(fractions: tuple, expected: str) -> None:
+    from zoo.data.tensor import TensorDataModule
+
+    with pytest.raises(UserError, match=expected):
+        TensorDataModule([4], 2, val_fraction=fractions[0], test_fraction=fractions[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from zoo.errors import TrainingDiverged
 from zoo.internals import batches_that_stepped, logs_this_step
 from zoo.records import atomic_write_bytes, load_checkpoint
+
+_summary_log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -228,3 +231,43 @@ class SaveOnInterrupt(Callback):
             if handler is not None:  # None: a handler set outside Python, which cannot be put back
                 signal.signal(signum, handler)
         self._previous = {}
+
+
+class LayerSummary(ModelSummary):
+    """Lightning's table of layers and parameter counts, without the FLOPs column and total.
+
+    Lightning counts FLOPs only through a task's `example_input_array`, which the zoo's tasks leave unset (their
+    input shapes come from the data), so the column would read 0 for every model.
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs" or total_flops]
+        widths = [max(len(name), *(len(str(v)) for v in values)) if values else len(name) for name, values in columns]
+        rows = [" | ".join(name.ljust(w) for (name, _), w in zip(columns, widths))]
+        rows.append("-" * len(rows[0]))
+        for i in range(len(columns[0][1])):
+            rows.append(" | ".join(str(values[i]).ljust(w) for (_, values), w in zip(columns, widths)))
+        rows.append("-" * len(rows[0]))
+        totals = [
+            (get_human_readable_count(trainable_parameters), "Trainable params"),
+            (get_human_readable_count(total_parameters - trainable_parameters), "Non-trainable params"),
+            (get_human_readable_count(total_parameters), "Total params"),
+            (f"{model_size:,.3f}", "Total estimated model params size (MB)"),
+            (str(total_training_modes.get("train", 0)), "Modules in train mode"),
+            (str(total_training_modes.get("eval", 0)), "Modules in eval mode"),
+        ]
+        if total_flops:
+            totals.append((get_human_readable_count(total_flops), "Total FLOPs"))
+        rows += [f"{value:<10} {label}" for value, label in totals]
+        _summary_log.info("\n" + "\n".join(rows))

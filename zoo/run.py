@@ -56,13 +56,27 @@ def quiet_lightning_logging() -> None:
     if root.handlers:
         for handler in list(package.handlers):
             package.removeHandler(handler)
-    if not any(isinstance(f, _NoAdverts) for f in logging.getLogger("lightning.pytorch.utilities.rank_zero").filters):
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _LightningConsole) for f in rank_zero.filters):
+        rank_zero.addFilter(_LightningConsole())
+    # Lightning's tree utilities call a torch API that newer torch releases deprecate: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=DeprecationWarning)
 
 
-class _NoAdverts(logging.Filter):
+class _LightningConsole(logging.Filter):
+    """No advertisement, and "Time limit reached" once: while `min_epochs` holds a timed-out run in its first
+    epoch, Lightning's timer says it again at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed_out = False
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip: For seamless cloud logging" not in str(record.msg)
+        message = str(record.msg)
+        repeated = self.timed_out and message.startswith("Time limit reached")
+        self.timed_out = message.startswith("Time limit reached")
+        return "Tip: For seamless cloud logging" not in message and not repeated
 
 
 def _close_process_group() -> None:
@@ -252,17 +266,28 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = (), **kwar
     """The trainer of the config's callbacks and loggers, plus what every run has whatever the config says:
     a divergence guard, and checkpoints written atomically and loaded without running code."""
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
-    from zoo.callbacks import AtomicCheckpointIO, DivergenceGuard
+    from zoo.callbacks import AtomicCheckpointIO, DivergenceGuard, LayerSummary
 
     callbacks = [*extra_callbacks, *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
     callbacks.append(DivergenceGuard())
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):  # so that trainer.enable_progress_bar=false just works
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # the zoo's layer table stands in for Lightning's, whose FLOPs column reads 0 for every zoo task
+    summary = kwargs.pop("enable_model_summary", cfg.trainer.get("enable_model_summary", True))
+    if summary and not any(isinstance(c, ModelSummary) for c in callbacks):
+        callbacks.append(LayerSummary())
     plugins = [*(instantiate(p) for p in cfg.trainer.get("plugins") or []), AtomicCheckpointIO()]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **kwargs)
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=plugins,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def is_boosted(cfg: DictConfig) -> bool:
@@ -341,7 +366,64 @@ def _start(cfg: DictConfig, output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # what evaluate.py rebuilds from
         if extras.get("print_config"):
-            print(OmegaConf.to_yaml(cfg, resolve=True))
+            print(config_summary(cfg, output_dir / "config.yaml"))
+
+
+def config_summary(cfg: DictConfig, saved: Path) -> str:
+    """The run's config in a few lines: the group choices, then only what the experiment and the command line
+    change from those groups' defaults. The full resolved config is the saved file (or `--cfg job`)."""
+    lines = [f"config: {saved} (full, resolved)"]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # composed outside a Hydra run (the Python API, tests): the saved file says it all
+        return lines[0]
+    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+    first = ("experiment", "model", "data", "optimizer", "scheduler", "trainer")
+    choices = dict(sorted(choices.items(), key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first)))
+    lines.append("groups: " + " ".join(f"{group}={choice}" for group, choice in choices.items()))
+    experiment = choices.get("experiment")
+    if experiment:
+        lines.append(f"experiment {experiment}: " + _settings(cfg, _experiment_keys(str(experiment))))
+    command_line = [o for o in hydra_cfg.overrides.task if "=" in o and o.split("=", 1)[0].lstrip("+~") not in choices]
+    if command_line:
+        lines.append("command line: " + " ".join(command_line))
+    return "\n".join(lines)
+
+
+def _experiment_keys(name: str) -> list[str]:
+    """The dotted keys an experiment file sets itself (its group overrides are already among the choices)."""
+    from zoo.cli import CONFIG_DIR
+
+    path = CONFIG_DIR / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return []
+    keys: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, DictConfig) and "_target_" not in node:
+            for key in node:
+                walk(node[key], f"{prefix}{key}.")
+        else:
+            keys.append(prefix[:-1])
+
+    loaded = OmegaConf.load(path)
+    for key in loaded:
+        if key not in ("defaults", "tags", "task_name"):
+            walk(loaded[key], f"{key}.")
+    return keys
+
+
+def _settings(cfg: DictConfig, keys: list[str]) -> str:
+    """key=value with the values the run resolved to (the command line may have changed them again)."""
+    shown = []
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig | list) or OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        shown.append(f"{key}={value}")
+    return " ".join(shown) or "(group choices only)"
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
