@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import compose_config, run_script
-from zoo.data.tabular import Table
+from zoo.data.table import Table
 from zoo.errors import UserError
 from zoo.run import evaluate, train
 

@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from zoo.boost.model import XGBoostModel
-from zoo.data.tabular import SPLITS, Table, table_from_config
+from zoo.data.table import SPLITS, Table, table_from_config
 from zoo.errors import UserError
 from zoo.records import flat_hparams, format_table, write_metrics
 
@@ -53,44 +53,15 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     """Boost on train with early stopping on val, score train/val/test, save model.json, metrics.json, TensorBoard."""
     import xgboost as xgb
 
-    for group in ("optimizer", "scheduler"):
-        if cfg.get(group) is not None:
-            raise UserError(
-                f"{group}: XGBoost boosts with its own step size (model.learning_rate) and no {group}; "
-                f"allowed: {group}=none"
-            )
+    _check_run(cfg, output_dir)
     model = build_model(cfg)
-    if cfg.get("ckpt_path"):
-        raise UserError(
-            "ckpt_path: XGBoost runs do not resume; train anew, "
-            "or score a model with evaluate.py ckpt_path=<run>/model.json"
-        )
-    if not cfg.get("train", True):
-        raise UserError("train: false needs a trained model; score an XGBoost model with evaluate.py ckpt_path=<file>")
-    if (output_dir / "model.json").exists():
-        raise UserError(f"run folder '{output_dir}' already holds a model.json; a new run needs a new folder")
     table = table_from_config(cfg.data)
     splits = table.splits()
     metric, maximize = early_stopping_metric(cfg, table.task)
     params = {**model.params(table.task, table.num_classes, int(cfg.seed)), "eval_metric": ROUND_METRICS[table.task]}
     rounds = _rounds(cfg, model)
 
-    evals = [(_matrix(*splits["train"]), "train")]
-    callbacks = []
-    if len(splits["val"][1]):
-        evals.append((_matrix(*splits["val"]), "val"))
-        if model.early_stopping_rounds:
-            callbacks.append(
-                xgb.callback.EarlyStopping(
-                    rounds=model.early_stopping_rounds,
-                    metric_name=metric,
-                    data_name="val",
-                    maximize=maximize,
-                    save_best=True,  # the saved model ends at the best round, so evaluate.py needs no extra state
-                )
-            )
-    elif model.early_stopping_rounds:
-        log.warning("data.val_fraction is 0: no validation split, so early stopping is off")
+    evals, callbacks = _watched_splits(splits, model.early_stopping_rounds, metric, maximize)
     curves: dict[str, dict[str, list[float]]] = {}
     try:
         booster = xgb.train(
@@ -110,18 +81,68 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     if "val/acc" in metrics:  # the accuracy of the kept (best) round: the neural models' default optimized_metric
         metrics["val/acc_best"] = metrics["val/acc"]
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    booster.save_model(str(output_dir / "model.json"))
-    write_metrics(output_dir / "metrics.json", metrics)
-    importance = booster.get_score(importance_type="gain")
-    ranked = dict(sorted(importance.items(), key=lambda item: -item[1]))
-    (output_dir / "feature_importance.json").write_text(json.dumps(ranked, indent=2) + "\n")
+    ranked = _save_run(booster, output_dir, metrics)
     if cfg.get("logger"):
         _log_tensorboard(output_dir / "tensorboard", cfg, curves, metrics, ranked, kept - 1)
 
     print(f"\nXGBoost {table.task}, {kept} rounds: metrics of {output_dir}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items() if k.startswith(("val/", "test/"))}))
     return metrics
+
+
+def _check_run(cfg: DictConfig, output_dir: Path) -> None:
+    """What an XGBoost run cannot take, refused before anything is read or written."""
+    for group in ("optimizer", "scheduler"):
+        if cfg.get(group) is not None:
+            raise UserError(
+                f"{group}: XGBoost boosts with its own step size (model.learning_rate) and no {group}; "
+                f"allowed: {group}=none"
+            )
+    if cfg.get("ckpt_path"):
+        raise UserError(
+            "ckpt_path: XGBoost runs do not resume; train anew, "
+            "or score a model with evaluate.py ckpt_path=<run>/model.json"
+        )
+    if not cfg.get("train", True):
+        raise UserError("train: false needs a trained model; score an XGBoost model with evaluate.py ckpt_path=<file>")
+    if (output_dir / "model.json").exists():
+        raise UserError(f"run folder '{output_dir}' already holds a model.json; a new run needs a new folder")
+
+
+def _watched_splits(
+    splits: dict[str, Any], early_stopping_rounds: int | None, metric: str, maximize: bool
+) -> tuple[list[tuple[Any, str]], list[Any]]:
+    """The splits XGBoost reports each round (train, and val when there is one), and early stopping on val."""
+    import xgboost as xgb
+
+    evals = [(_matrix(*splits["train"]), "train")]
+    callbacks = []
+    if len(splits["val"][1]):
+        evals.append((_matrix(*splits["val"]), "val"))
+        if early_stopping_rounds:
+            callbacks.append(
+                xgb.callback.EarlyStopping(
+                    rounds=early_stopping_rounds,
+                    metric_name=metric,
+                    data_name="val",
+                    maximize=maximize,
+                    save_best=True,  # the saved model ends at the best round, so evaluate.py needs no extra state
+                )
+            )
+    elif early_stopping_rounds:
+        log.warning("data.val_fraction is 0: no validation split, so early stopping is off")
+    return evals, callbacks
+
+
+def _save_run(booster: Any, output_dir: Path, metrics: dict[str, float]) -> dict[str, float]:
+    """model.json (what evaluate.py loads), metrics.json and the features ranked by gain, which it returns."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(output_dir / "model.json"))
+    write_metrics(output_dir / "metrics.json", metrics)
+    importance = booster.get_score(importance_type="gain")
+    ranked = dict(sorted(importance.items(), key=lambda item: -item[1]))
+    (output_dir / "feature_importance.json").write_text(json.dumps(ranked, indent=2) + "\n")
+    return ranked
 
 
 def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from zoo.errors import UserError
@@ -78,27 +79,11 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
         "hidden": int(spec.get("hidden", 128)),
         "dropout": float(spec.get("dropout", 0.3)),
     }
-    epochs, batch_size = int(spec.get("epochs", 3)), int(spec.get("batch_size", 128))
     max_steps = spec.get("max_steps") if cache else 1
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(spec.get("seed", 0)))
         net = CNN(**kwargs).to(device)
-        optimizer = torch.optim.Adam(net.parameters(), lr=float(spec.get("lr", 1e-3)))
-        x, y = x.to(device), y.to(device)
-        steps = 0
-        for _ in range(epochs):
-            order = torch.randperm(len(x), device=device)
-            for start in range(0, len(x), batch_size):
-                index = order[start : start + batch_size]
-                loss = F.cross_entropy(net(x[index]), y[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                if max_steps is not None and steps >= int(max_steps):
-                    break
-            if max_steps is not None and steps >= int(max_steps):
-                break
+        steps = _fit_classifier(net, x.to(device), y.to(device), spec, max_steps)
     net.eval()
     with torch.no_grad():
         accuracy = float((net(x_val.to(device)).argmax(1) == y_val.to(device)).float().mean())
@@ -150,3 +135,22 @@ def load_scorer(path: Path, device: torch.device, data: str, image_shape: list[i
         net.load_state_dict({k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
         return DomainScorer(net.to(device), (0.0, 1.0))
     raise UserError(f"model.scorer.ckpt_path: '{path}' is neither a cached scorer nor a zoo classification checkpoint")
+
+
+def _fit_classifier(net: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Mapping[str, Any], max_steps: Any) -> int:
+    """Adam on cross-entropy for `spec.epochs` shuffled epochs (or `max_steps`); returns the steps taken."""
+    epochs, batch_size = int(spec.get("epochs", 3)), int(spec.get("batch_size", 128))
+    optimizer = torch.optim.Adam(net.parameters(), lr=float(spec.get("lr", 1e-3)))
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), device=x.device)
+        for start in range(0, len(x), batch_size):
+            index = order[start : start + batch_size]
+            loss = F.cross_entropy(net(x[index]), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if max_steps is not None and steps >= int(max_steps):
+                return steps
+    return steps

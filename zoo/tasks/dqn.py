@@ -37,6 +37,13 @@ from torchmetrics import MaxMetric
 
 from zoo.data.dqn import episode_seed
 from zoo.errors import UserError
+from zoo.internals import (
+    add_summary,
+    attached_trainer,
+    batches_that_stepped,
+    set_batches_that_stepped,
+    set_max_epochs,
+)
 from zoo.optim import lr_scheduler_config
 from zoo.tasks import figures
 
@@ -343,39 +350,25 @@ class DQNTask(L.LightningModule):
         gif_max_frames: int = 500,
     ) -> None:
         super().__init__()
-        if not hasattr(data, "num_actions"):
-            raise UserError(
-                f"model: DQN needs an environment, data=cartpole or data=lunarlander, not {type(data).__name__}"
-            )
-        if buffer_size < batch_size:
-            raise UserError(
-                f"model.buffer_size: {buffer_size} is smaller than model.batch_size {batch_size}; "
-                "allowed: buffer_size >= batch_size"
-            )
-        if loss not in LOSSES:
-            raise UserError(f"model.loss: unknown '{loss}'; allowed: {', '.join(LOSSES)}")
-        if not 0.0 < tau <= 1.0:
-            raise UserError(f"model.tau: {tau} is outside (0, 1]; 1 is a hard copy")
-        for key, value in (
-            ("n_step", n_step),
-            ("train_frequency", train_frequency),
-            ("gradient_steps", gradient_steps),
-            ("target_update_interval", target_update_interval),
-            ("batch_size", batch_size),
-            ("iteration_steps", iteration_steps),
-        ):
-            if value < 1:
-                raise UserError(f"model.{key}: must be >= 1, got {value}")
-        if not 0.0 <= gamma <= 1.0:
-            raise UserError(f"model.gamma: {gamma} is outside [0, 1]")
-        if not 0.0 <= lr_end_factor <= 1.0:
-            raise UserError(f"model.lr_end_factor: {lr_end_factor} is outside [0, 1]; 1 keeps the rate constant")
-        if lr_end_factor != 1.0 and scheduler is not None:
-            raise UserError(
-                "scheduler: DQN decays its learning rate itself over environment steps (model.lr_end_factor); "
-                "use scheduler=none with it, or model.lr_end_factor=1.0"
-            )
-
+        _check_settings(
+            data,
+            scheduler,
+            loss=loss,
+            tau=tau,
+            gamma=gamma,
+            lr_end_factor=lr_end_factor,
+            per_alpha=per_alpha,
+            per_beta_start=per_beta_start,
+            buffer_size=buffer_size,
+            counts={
+                "n_step": n_step,
+                "train_frequency": train_frequency,
+                "gradient_steps": gradient_steps,
+                "target_update_interval": target_update_interval,
+                "batch_size": batch_size,
+                "iteration_steps": iteration_steps,
+            },
+        )
         self.automatic_optimization = False  # several gradient steps, or none, per iteration
         self.data = data
         self.net = net if isinstance(net, nn.Module) else net(data.observation_shape, data.num_actions)
@@ -389,8 +382,6 @@ class DQNTask(L.LightningModule):
         self.epsilon_start, self.epsilon_end = epsilon_start, epsilon_end
         self.exploration_fraction, self.eval_epsilon = exploration_fraction, eval_epsilon
         self.lr_end_factor = lr_end_factor
-        if not 0.0 <= per_alpha <= 1.0 or not 0.0 <= per_beta_start <= 1.0:
-            raise UserError(f"model.per_alpha, model.per_beta_start: {per_alpha}, {per_beta_start}; allowed: [0, 1]")
         self.prioritized, self.per_alpha, self.per_beta_start, self.per_eps = (
             prioritized, per_alpha, per_beta_start, per_eps,
         )  # fmt: skip
@@ -430,7 +421,7 @@ class DQNTask(L.LightningModule):
         total = getattr(self.data, "total_steps", None)
         if total is not None:
             return int(total)
-        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        epochs = self.trainer.max_epochs if attached_trainer(self) is not None else None
         if epochs is None or epochs < 1:
             raise UserError("data.total_steps: DQN needs a run length; give data.total_steps (environment steps)")
         return epochs * self.data.iterations_per_epoch * self.data.env_steps_per_iteration
@@ -789,13 +780,12 @@ class DQNTask(L.LightningModule):
             self.log(name, value)
         # Lightning writes these to the loggers after this hook, at its batch counter: for the test figures, the
         # counter shows the environment steps of the tested run instead, and is put back at the end of testing
-        loop = self.trainer.fit_loop.epoch_loop
-        self._batch_counter = loop._batches_that_stepped
-        loop._batches_that_stepped = self.env_steps if self._final is None else self._final["env_steps"]
+        self._batch_counter = batches_that_stepped(self.trainer)
+        set_batches_that_stepped(self.trainer, self.env_steps if self._final is None else self._final["env_steps"])
 
     def on_test_end(self) -> None:
         if getattr(self, "_batch_counter", None) is not None:
-            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._batch_counter
+            set_batches_that_stepped(self.trainer, self._batch_counter)
             self._batch_counter = None
 
     def on_train_end(self) -> None:
@@ -892,7 +882,7 @@ class DQNTask(L.LightningModule):
         validation: an untrained policy's episodes only cost time. The learning rate is logged by the task, against
         environment steps, in place of the trainer-wide callback that counts batches.
         """
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         dm = trainer.datamodule if trainer is not None and trainer.datamodule is not None else self.data
         self._sync_iteration_size(dm)
         if trainer is None or stage != "fit":
@@ -902,7 +892,7 @@ class DQNTask(L.LightningModule):
         total = getattr(self.data, "total_steps", None)
         if total is not None and not trainer.fast_dev_run:
             epoch_steps = self.data.iterations_per_epoch * self.data.env_steps_per_iteration
-            trainer.fit_loop.max_epochs = max(1, math.ceil(int(total) / epoch_steps))
+            set_max_epochs(trainer, max(1, math.ceil(int(total) / epoch_steps)))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         env = self.env
@@ -978,5 +968,47 @@ def add_gif(writer: Any, tag: str, path: Path, step: int) -> None:
     with Image.open(path) as image:
         width, height = image.size
     encoded = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=path.read_bytes())
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
+    add_summary(writer, Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
     writer.flush()
+
+
+def _check_settings(
+    data: Any,
+    scheduler: Any,
+    *,
+    loss: str,
+    tau: float,
+    gamma: float,
+    lr_end_factor: float,
+    per_alpha: float,
+    per_beta_start: float,
+    buffer_size: int,
+    counts: dict[str, int],
+) -> None:
+    """DQN's keys, each refused in one line that names it, before any environment is made."""
+    if not hasattr(data, "num_actions"):
+        kind = type(data).__name__
+        raise UserError(f"model: DQN needs an environment, data=cartpole or data=lunarlander, not {kind}")
+    if buffer_size < counts["batch_size"]:
+        raise UserError(
+            f"model.buffer_size: {buffer_size} is smaller than model.batch_size {counts['batch_size']}; "
+            "allowed: buffer_size >= batch_size"
+        )
+    if loss not in LOSSES:
+        raise UserError(f"model.loss: unknown '{loss}'; allowed: {', '.join(LOSSES)}")
+    if not 0.0 < tau <= 1.0:
+        raise UserError(f"model.tau: {tau} is outside (0, 1]; 1 is a hard copy")
+    for key, value in counts.items():
+        if value < 1:
+            raise UserError(f"model.{key}: must be >= 1, got {value}")
+    if not 0.0 <= gamma <= 1.0:
+        raise UserError(f"model.gamma: {gamma} is outside [0, 1]")
+    if not 0.0 <= lr_end_factor <= 1.0:
+        raise UserError(f"model.lr_end_factor: {lr_end_factor} is outside [0, 1]; 1 keeps the rate constant")
+    if lr_end_factor != 1.0 and scheduler is not None:
+        raise UserError(
+            "scheduler: DQN decays its learning rate itself over environment steps (model.lr_end_factor); "
+            "use scheduler=none with it, or model.lr_end_factor=1.0"
+        )
+    if not 0.0 <= per_alpha <= 1.0 or not 0.0 <= per_beta_start <= 1.0:
+        raise UserError(f"model.per_alpha, model.per_beta_start: {per_alpha}, {per_beta_start}; allowed: [0, 1]")

@@ -28,6 +28,7 @@ from zoo.internals import max_epochs, set_max_epochs
 from zoo.metrics.generative import frechet_distance
 from zoo.records import load_checkpoint
 from zoo.tasks.adversarial import (
+    AdversarialTask,
     discriminator_loss,
     generator_loss,
     gradient_penalty,
@@ -35,7 +36,6 @@ from zoo.tasks.adversarial import (
     refuse_automatic_only_settings,
     update_ema,
 )
-from zoo.tasks.gan import GANTask
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def resize_real(images: torch.Tensor, resolution: int, alpha: float = 1.0) -> to
     return x
 
 
-class PGGANTask(GANTask):
+class PGGANTask(AdversarialTask):
     """A progressive GAN: the GAN family's scorer, grids, divergence guard and sample mode, with growth phases.
 
     Logs per step `train/resolution`, `train/alpha` and `train/kimg` (thousands of images shown), per epoch
@@ -171,11 +171,11 @@ class PGGANTask(GANTask):
         super().__init__(
             generator,
             discriminator,
-            loss="wasserstein",
             optimizer_g=optimizer_g,
             optimizer_d=optimizer_d,
             gp_weight=gp_weight,
             gradient_clip_val=gradient_clip_val,
+            accumulate_grad_batches=1,
             scorer=scorer,
             min_class_share=min_class_share,
             fixed_noise_seed=fixed_noise_seed,
