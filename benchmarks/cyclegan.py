@@ -22,15 +22,13 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from common import QUIET, compose_config, mean_std, quiet_lightning
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from zoo.metrics.generative import frechet_distance
-from zoo.metrics.scorer import load_or_train_scorer
-from zoo.run import train
+if TYPE_CHECKING:
+    import torch
 
 COLUMNS = ("cycle_l1_aba", "cycle_l1_bab", "label_keep_ab", "label_keep_ba", "fid_ab", "fid_ba")
 TARGETS = {
@@ -49,6 +47,10 @@ def compose_run(seed: int, root: Path, overrides: list[str]) -> DictConfig:
 
 def scorers(cfg: DictConfig, device: torch.device) -> tuple[object, dict[str, object]]:
     """The datamodule and both domain classifiers, trained and cached where the runs will look for them."""
+    from hydra.utils import instantiate
+
+    from zoo.metrics.scorer import load_or_train_scorer
+
     data = instantiate(cfg.data)
     data.setup("fit")
     found = {}
@@ -61,6 +63,10 @@ def scorers(cfg: DictConfig, device: torch.device) -> tuple[object, dict[str, ob
 
 def no_translation(data: object, found: dict[str, object]) -> dict[str, float]:
     """Scores of generators that return their input: the floor label preservation must beat to mean anything."""
+    import torch
+
+    from zoo.metrics.generative import frechet_distance
+
     a, label_a, b, label_b = (t.cpu() for t in data.splits["test"])
     features_b_of_a, probs_b_of_a = found["B"].to(torch.device("cpu"))(a)
     features_a_of_b, probs_a_of_b = found["A"].to(torch.device("cpu"))(b)
@@ -76,6 +82,10 @@ def no_translation(data: object, found: dict[str, object]) -> dict[str, float]:
 
 def run_one(seed: int, root: str, overrides: list[str], threads: int | None) -> dict[str, float]:
     """One training run (in a worker process with --jobs): test scores and seconds per epoch."""
+    import torch
+
+    from zoo.run import train
+
     if threads:
         torch.set_num_threads(threads)
     quiet_lightning()
@@ -99,6 +109,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    import torch
+
     quiet_lightning()
     if args.threads:
         torch.set_num_threads(args.threads)

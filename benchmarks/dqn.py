@@ -17,6 +17,7 @@ whole run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -29,16 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
-import torch
-from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
-from torch.nn import functional as F
-
-from zoo.nn.dqn import QNetwork
-from zoo.run import train
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 QUIET = [
@@ -51,8 +43,11 @@ QUIET = [
 TARGETS = {"dqn_cartpole": 475.0, "dqn_cartpole_cleanrl": 475.0, "dqn_lunarlander": 200.0}
 
 
-class TrainingClock(Callback):
-    """Wall time of the training epochs less the evaluation episodes, and the time at which learning starts."""
+class TrainingClock:
+    """Wall time of the training epochs less the evaluation episodes, and the time at which learning starts.
+
+    `clock()` builds it as a Lightning callback.
+    """
 
     def __init__(self) -> None:
         self.reset(0)
@@ -81,14 +76,17 @@ class TrainingClock(Callback):
         self.steps += module.env_steps - self._steps
 
 
-CLOCK = TrainingClock()
-
-
+@functools.cache
 def clock() -> TrainingClock:
-    return CLOCK
+    """The one clock of this process, which every zoo run reports to (the `_target_` of `callbacks.clock`)."""
+    from lightning.pytorch.callbacks import Callback
+
+    return type("TrainingClock", (TrainingClock, Callback), {})()
 
 
 def compose_run(experiment: str, seed: int, output_dir: Path, extra: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", [*QUIET, f"experiment={experiment}", f"seed={seed}", "logger=none", *extra])
     with open_dict(cfg):
@@ -98,14 +96,17 @@ def compose_run(experiment: str, seed: int, output_dir: Path, extra: list[str]) 
 
 
 def run_zoo(experiment: str, seed: int, output_dir: Path, extra: list[str]) -> dict[str, float]:
+    from zoo.run import train
+
     cfg = compose_run(experiment, seed, output_dir, extra)
-    CLOCK.reset(int(cfg.model.learning_starts))
+    timer = clock()
+    timer.reset(int(cfg.model.learning_starts))
     started = time.perf_counter()
     train(cfg)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     metrics["wall_s"] = time.perf_counter() - started
-    metrics["steps_per_s"] = CLOCK.steps / max(CLOCK.seconds, 1e-9)
-    metrics["free_steps_per_s"] = CLOCK.free_steps / CLOCK.free_seconds
+    metrics["steps_per_s"] = timer.steps / max(timer.seconds, 1e-9)
+    metrics["free_steps_per_s"] = timer.free_steps / timer.free_seconds
     metrics["test_episodes"] = int(cfg.data.test_episodes)
     return metrics
 
@@ -115,6 +116,12 @@ def plain_dqn(cfg: DictConfig, total_steps: int) -> tuple[float, float]:
 
     Returns environment steps per second before learning starts and over the whole run.
     """
+    import gymnasium as gym
+    import torch
+    from torch.nn import functional as F
+
+    from zoo.nn.dqn import QNetwork
+
     m = cfg.model
     if m.n_step != 1 or cfg.data.num_envs != 1:
         raise SystemExit("the plain loop does one-step targets on one environment: use experiment=dqn_cartpole_cleanrl")
@@ -211,6 +218,8 @@ def seed_rows(args: argparse.Namespace, root: Path) -> None:
 
 
 def speed_pair(args: argparse.Namespace, root: Path) -> None:
+    import torch
+
     experiment, steps = args.speed_experiment, args.speed_steps
     extra = [
         f"data.total_steps={steps}",
@@ -257,6 +266,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args()
+    # imported before the log levels and warning filters below, which must override what these set on import
+    import gymnasium  # noqa: F401
+    import lightning.pytorch  # noqa: F401
+    import numpy as np
+    import torch
+
+    np.set_printoptions(precision=3)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     warnings.filterwarnings("ignore")
@@ -272,5 +288,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

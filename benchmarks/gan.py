@@ -32,13 +32,9 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+from common import CONFIG_DIR, compose_config, real_and_noise_scores
 from common import QUIET as COMMON_QUIET
-from common import compose_config, real_and_noise_scores
-from omegaconf import DictConfig, OmegaConf
-
-from zoo.records import load_checkpoint
-from zoo.run import evaluate, train
+from omegaconf import DictConfig, open_dict
 
 QUIET = [*COMMON_QUIET, "logger=none"]
 SCORES = ("fid", "inception_score", "coverage", "kl_uniform", "confidence")
@@ -54,6 +50,8 @@ def compose_run(model: str, seed: int, root: Path, overrides: list[str]) -> Dict
 
 
 def run_one(model: str, seed: int, root: Path, overrides: list[str]) -> dict[str, float]:
+    from zoo.run import train
+
     cfg = compose_run(model, seed, root, overrides)
     start = time.perf_counter()
     train(cfg)
@@ -75,20 +73,23 @@ def score_last_checkpoint(cfg: DictConfig) -> dict[str, float]:
     A generator's samples can keep getting sharper (higher confidence) after its FID has bottomed out, while its
     classes drift out of balance (higher KL), so both are reported.
     """
+    from hydra import compose, initialize_config_dir
+
+    from zoo.run import evaluate
+
     run = Path(cfg.paths.output_dir)
-    return evaluate(
-        OmegaConf.create(
-            {
-                "ckpt_path": str(run / "checkpoints" / "last.ckpt"),
-                "paths": {"output_dir": str(run / "eval_last")},
-                "accelerator": cfg.trainer.accelerator,
-            }
-        )
-    )
+    last = run / "checkpoints" / "last.ckpt"
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        eval_cfg = compose("eval", overrides=[f"ckpt_path={last}", f"accelerator={cfg.trainer.accelerator}"])
+    with open_dict(eval_cfg):
+        eval_cfg.paths.output_dir = str(run / "eval_last")
+    return evaluate(eval_cfg)
 
 
 def generator_steps(cfg: DictConfig) -> int:
     """Generator steps the run took, as its last checkpoint counts them."""
+    from zoo.records import load_checkpoint
+
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     return int(load_checkpoint(last)["gan_steps"]["g_steps"])
 
@@ -118,6 +119,8 @@ def run_all(
 
 
 def quiet_worker(threads: int | None) -> None:
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
@@ -146,6 +149,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    import torch
+
     quiet_worker(args.threads)
     overrides = [f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", *args.override]
     if args.epochs is not None:

@@ -12,27 +12,23 @@ says what the zoo costs over the loop a user would write by hand, and the profil
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-import numpy as np
-import torch
 from common import compose_config, quiet_lightning, table
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import nn
-from torch.nn import functional as F
 
-from zoo.data.tensor import TensorDataModule
-from zoo.run import build_model, build_trainer
+if TYPE_CHECKING:
+    import lightning as L
+    import numpy as np
+    import torch
+    from lightning.pytorch.profilers import SimpleProfiler
 
 WARMUP_EPOCHS = 1
 PROFILE_EPOCHS = 5
@@ -48,20 +44,37 @@ LEAN = [
 ]
 
 
-class RandomCIFAR(TensorDataModule):
-    """CIFAR-10-shaped noise (3x32x32, 10 classes), seeded: the speed of a ResNet without the dataset files."""
+class RandomCIFAR:
+    """CIFAR-10-shaped noise (3x32x32, 10 classes), seeded: the speed of a ResNet without the dataset files.
+
+    `random_cifar()` builds it as a zoo TensorDataModule.
+    """
 
     def __init__(self, samples: int = 1920, test_samples: int = 128, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.samples, self.test_samples, self.seed = samples, test_samples, seed
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        import numpy as np
+
         rng = np.random.default_rng(self.seed)
         total = self.samples + self.test_samples
         x = rng.standard_normal((total, *self.input_shape), dtype=np.float32)
         y = np.arange(total) % self.num_classes
         rng.shuffle(y)
         return x[: self.samples], y[: self.samples], x[self.samples :], y[self.samples :]
+
+
+@functools.cache
+def _random_cifar_class() -> type[RandomCIFAR]:
+    from zoo.data.tensor import TensorDataModule
+
+    return type("RandomCIFAR", (RandomCIFAR, TensorDataModule), {})
+
+
+def random_cifar(**kwargs: Any) -> RandomCIFAR:
+    """A RandomCIFAR datamodule (the `_target_` of the resnet case's data)."""
+    return _random_cifar_class()(**kwargs)
 
 
 @dataclass
@@ -88,7 +101,7 @@ def cases(resnet_samples: int) -> dict[str, Case]:
             0.95,
             2,
             data={
-                "_target_": f"{RandomCIFAR.__module__}.{RandomCIFAR.__qualname__}",
+                "_target_": f"{random_cifar.__module__}.{random_cifar.__qualname__}",
                 "input_shape": [3, 32, 32],
                 "num_classes": 10,
                 "batch_size": 128,
@@ -116,6 +129,8 @@ class Timing:
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
     """Wait for queued GPU work before reading the clock; nothing to wait for on CPU."""
+    import torch
+
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
@@ -131,6 +146,8 @@ def case_config(overrides: list[str], folder: Path, data: dict[str, Any] | None)
 
 def train_tensors(cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The zoo's own training split, so that the plain loop sees exactly the samples the zoo trains on."""
+    from hydra.utils import instantiate
+
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     x, y = datamodule.splits["train"]
@@ -139,6 +156,11 @@ def train_tensors(cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, 
 
 def plain_fit(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, epochs: int, device: torch.device) -> Timing:
     """The hand-written loop: a permutation per epoch, index batches, forward, loss, backward, AdamW, zero_grad."""
+    import torch
+    from hydra.utils import instantiate
+    from torch import nn
+    from torch.nn import functional as F
+
     if cfg.optimizer._target_ != "torch.optim.AdamW":
         raise ValueError(f"the plain loop runs AdamW; the zoo config chose {cfg.optimizer._target_}")
     torch.manual_seed(cfg.seed)
@@ -170,12 +192,13 @@ def plain_fit(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, epochs: int, de
     return Timing(steps, time.perf_counter() - start)
 
 
-class EpochTimer(Callback):
+class EpochTimer:
     """Clock from the end of the warm-up epochs to the end of the last, less the validation loops in between.
 
     End to end of epochs covers whole cycles: batches, validation, checkpointing, epoch-end logging and the next
     epoch's start. Validation is subtracted because the plain loop does none; checkpoint saving, which Lightning
-    runs after every other callback's `on_validation_end`, stays in.
+    runs after every other callback's `on_validation_end`, stays in. `epoch_timer()` builds it as a Lightning
+    callback.
     """
 
     def __init__(self, warmup_epochs: int, sync: Callable[[], None], profiler: SimpleProfiler | None = None) -> None:
@@ -214,10 +237,27 @@ class EpochTimer(Callback):
         return Timing(self.last_step - self.first_step, self.end - self.start - self.validation, self.validation)
 
 
+@functools.cache
+def _epoch_timer_class() -> type[EpochTimer]:
+    from lightning.pytorch.callbacks import Callback
+
+    return type("EpochTimer", (EpochTimer, Callback), {})
+
+
+def epoch_timer(warmup_epochs: int, sync: Callable[[], None], profiler: SimpleProfiler | None = None) -> EpochTimer:
+    return _epoch_timer_class()(warmup_epochs, sync, profiler)
+
+
 def zoo_fit(cfg: DictConfig, device: torch.device, profile: bool = False) -> Timing:
     """Build data, model, callbacks, loggers and trainer as zoo.run.fit_and_test does, then fit only."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from zoo.run import build_model, build_trainer
+
     profiler = SimpleProfiler() if profile else None
-    timer = EpochTimer(WARMUP_EPOCHS, synchronizer(device), profiler)
+    timer = epoch_timer(WARMUP_EPOCHS, synchronizer(device), profiler)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
@@ -369,18 +409,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="plain/zoo alternations per case; the best counts")
     parser.add_argument("--cases", default="mlp,cnn,resnet", help="comma-separated: mlp, cnn, resnet")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides")
     parser.add_argument("--resnet-samples", type=int, default=1920, help="random CIFAR pool; 80%% of it trains")
     parser.add_argument("--profile-top", type=int, default=15, help="profiler rows printed for a missed target")
     parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override for the zoo side, e.g. scheduler=..."
     )
     args = parser.parse_args()
+    import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(torch.get_num_threads() if args.threads is None else args.threads)
     quiet_lightning()
 
     available = cases(args.resnet_samples)

@@ -22,11 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from common import CONFIG_DIR, QUIET, compose_config, quiet_lightning, table
 from omegaconf import DictConfig
-
-from zoo.run import train
 
 
 @dataclass(frozen=True)
@@ -60,6 +57,8 @@ def experiment_config(experiment: str, seed: int, max_epochs: int | None, folder
 
 def run_once(experiment: str, seed: int, max_epochs: int | None, folder: Path) -> Run:
     """Train and test one seed; Lightning's console output goes to the run folder's stdout.txt."""
+    from zoo.run import train
+
     cfg = experiment_config(experiment, seed, max_epochs, folder)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +98,7 @@ def main() -> None:
     parser.add_argument("--experiments", default=",".join(REFERENCES), help="comma-separated experiment configs")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (the `seed=` override)")
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs (quick checks)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--output-dir", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -113,7 +112,9 @@ def main() -> None:
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got '{args.seeds}'")
 
-    torch.set_num_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads() if args.threads is None else args.threads)
     quiet_lightning()
 
     load = os.getloadavg()[0]

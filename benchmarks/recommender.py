@@ -31,13 +31,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from common import QUIET, compose_config, mean_std, quiet_lightning, table
 
-from zoo.run import train
+if TYPE_CHECKING:
+    import numpy as np
 
 # Surprise's documented 5-fold RMSE on MovieLens 100K
 SURPRISE_SVD, SURPRISE_SVDPP = 0.934, 0.919
@@ -45,6 +44,8 @@ SURPRISE_SVD, SURPRISE_SVDPP = 0.934, 0.919
 
 def run(overrides: list[str], folder: Path, name: str) -> tuple[dict[str, float], float]:
     """Train and test through zoo.run.train; its metrics (CV means with cv.folds) and the wall time."""
+    from zoo.run import train
+
     cfg = compose_config([*overrides, *QUIET, "logger=none"], folder, run=name)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,12 +100,15 @@ class Fit:
 
 
 def _errors(predicted: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
+    import numpy as np
+
     difference = predicted.astype(np.float64) - actual.astype(np.float64)
     return float(np.sqrt(np.mean(difference**2))), float(np.mean(np.abs(difference)))
 
 
 def zoo_fold(experiment: str, path: Path, folds: int, fold: int, seed: int, workdir: Path) -> dict[str, float]:
     """The recipe trained on the whole training fold (val_fraction=0, its fixed epochs), scored on the test fold."""
+    import torch
     from hydra.utils import instantiate
 
     from zoo.run import build_model, build_trainer
@@ -143,6 +147,7 @@ SURPRISE_MODELS = {"svd": "SVD", "svdpp": "SVDpp", "baseline": "BaselineOnly"}
 
 def surprise_fold(name: str, train: Any, test: Any, scale: tuple[float, float]) -> dict[str, float]:
     """A Surprise model with its defaults (random_state fixed), fitted on the training fold, scored on the test fold."""
+    import numpy as np
     import pandas as pd
     import surprise
 
@@ -159,6 +164,8 @@ def surprise_fold(name: str, train: Any, test: Any, scale: tuple[float, float]) 
 
 def movielens_side_by_side(args: argparse.Namespace) -> None:
     """Surprise's protocol on the MovieLens folder: the zoo recipe, Surprise's models and the floors, same folds."""
+    import numpy as np
+
     from zoo.data.recommender import MovieLensDataModule
 
     path = args.movielens.expanduser().resolve()
@@ -277,10 +284,12 @@ def main() -> None:
     parser.add_argument("--no-synthetic", dest="synthetic", action="store_false", help="only the MovieLens part")
     parser.add_argument("--no-explicit", dest="explicit", action="store_false", help="MovieLens: leave out Surprise's")
     parser.add_argument("--no-implicit", dest="implicit", action="store_false", help="MovieLens: leave out ranking")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    torch.set_num_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads() if args.threads is None else args.threads)
     quiet_lightning()
 
     if args.movielens is not None and args.explicit:

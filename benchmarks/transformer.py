@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -25,13 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from common import QUIET as COMMON_QUIET
 from common import compose_config
-from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
-
-from zoo.run import train
 
 QUIET = [*COMMON_QUIET, "logger=none"]
 # MNIST-1D paper (Greydanus 2020), test accuracy
@@ -41,13 +38,18 @@ SEQ2SEQ = ("seq2seq_reverse", "seq2seq_sort", "seq2seq_addition")
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
 
 
-class Throughput(Callback):
-    """Times the training batches (forward, backward, optimizer step) of every epoch after the first."""
+class Throughput:
+    """Times the training batches (forward, backward, optimizer step) of every epoch after the first.
+
+    `throughput()` builds it as a Lightning callback.
+    """
 
     def __init__(self, path: str) -> None:
         self.path, self.seconds, self.tokens, self.start = Path(path), 0.0, 0, 0.0
 
     def _sync(self, trainer: Any) -> None:
+        import torch
+
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -63,6 +65,8 @@ class Throughput(Callback):
             self.tokens += batch[0][:, :-1].numel()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        import torch
+
         net = pl_module.net
         embedding = sum(p.numel() for n, p in net.named_parameters() if n.startswith(("embed", "positions")))
         info = {
@@ -77,7 +81,21 @@ class Throughput(Callback):
         self.path.write_text(json.dumps(info))
 
 
+@functools.cache
+def _callback_class() -> type[Throughput]:
+    from lightning.pytorch.callbacks import Callback
+
+    return type("Throughput", (Throughput, Callback), {})
+
+
+def throughput(path: str) -> Throughput:
+    """A Throughput callback writing to `path` (the `_target_` of `callbacks.throughput`)."""
+    return _callback_class()(path)
+
+
 def run(experiment: str, seed: int, args: argparse.Namespace, folder: Path) -> tuple[dict[str, float], float, Path]:
+    from zoo.run import train
+
     overrides = [f"experiment={experiment}", f"seed={seed}", *QUIET, f"trainer.accelerator={args.device}"]
     if args.max_epochs is not None:
         overrides.append(f"trainer.max_epochs={args.max_epochs}")
@@ -87,7 +105,7 @@ def run(experiment: str, seed: int, args: argparse.Namespace, folder: Path) -> t
     output_dir = Path(cfg.paths.output_dir)
     with open_dict(cfg):
         if experiment == "char_lm":
-            cfg.callbacks.throughput = {"_target_": f"{__name__}.Throughput", "path": str(output_dir / "speed.json")}
+            cfg.callbacks.throughput = {"_target_": f"{__name__}.throughput", "path": str(output_dir / "speed.json")}
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with (output_dir / "stdout.txt").open("w") as log, contextlib.redirect_stdout(log):
@@ -115,14 +133,16 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs (quick checks)")
     parser.add_argument("--device", default="cpu", help="trainer.accelerator: cpu, gpu or auto")
     parser.add_argument("--precision", default=None, help="trainer.precision, e.g. bf16-mixed")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--output-dir", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if parts - {"mnist1d", "seq2seq", "lm"}:
         parser.error(f"--parts: unknown {', '.join(sorted(parts - {'mnist1d', 'seq2seq', 'lm'}))}")
 
-    torch.set_num_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads() if args.threads is None else args.threads)
     importlib.import_module("lightning.pytorch")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
