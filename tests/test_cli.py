@@ -128,7 +128,7 @@ def test_grid_sweep_runs_every_combination(tmp_path: Path) -> None:
     assert chosen == {(t, lr) for t in ("torch.optim.Adam", "torch.optim.RAdam") for lr in (1e-3, 3e-3)}
 
 
-@pytest.mark.slow  # Optuna through train.py stays in the default suite via tests/test_boost.py
+@pytest.mark.slow  # Optuna through train.py stays in the default suite via tests/test_classic.py
 def test_optuna_search_with_parallel_joblib_jobs(tmp_path: Path) -> None:
     result = run_script(
         "train.py",

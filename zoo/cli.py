@@ -185,7 +185,11 @@ def _compose(config_name: str, overrides: list[str]) -> None:
 
 
 # keys whose default is a number or a flag but which also take a word
-WORDS_FOR_NUMBERS = {"trainer.devices": ("auto",), "trainer.deterministic": ("warn",)}
+WORDS_FOR_NUMBERS = {
+    "trainer.devices": ("auto",),
+    "trainer.deterministic": ("warn",),
+    "model.ccp_alpha": ("auto",),  # a decision tree's pruning chosen by inner CV
+}
 
 
 def _check_value_kinds(config_name: str, overrides: list[str], cfg: Any) -> None:

@@ -97,10 +97,10 @@ def _close_process_group() -> None:
 
 
 def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    if is_boosted(cfg):  # gradient-boosted trees train outside Lightning, behind the same CLI
-        from zoo.boost import run as boost_run
+    if is_classic(cfg):  # XGBoost and scikit-learn train outside Lightning, behind the same CLI
+        from zoo.classic import run as classic_run
 
-        return boost_run.fit_and_test(cfg, output_dir)
+        return classic_run.fit_and_test(cfg, output_dir)
 
     import lightning as L
     import torch
@@ -179,10 +179,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_cfg = saved_run_config(ckpt_path, trust=bool(cfg.get("trust_config", False)))
     if cfg.get("scorer_ckpt_path"):  # before any family branches off: a run without a scorer refuses the key
         _swap_scorer(run_cfg, str(cfg.scorer_ckpt_path), ckpt_path)
-    if is_boosted(run_cfg):
-        from zoo.boost import run as boost_run
+    if is_classic(run_cfg):
+        from zoo.classic import run as classic_run
 
-        return boost_run.evaluate(cfg, run_cfg)
+        return classic_run.evaluate(cfg, run_cfg)
 
     import lightning as L
     from hydra.utils import instantiate
@@ -290,9 +290,9 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = (), **kwar
     )
 
 
-def is_boosted(cfg: DictConfig) -> bool:
-    """Models from zoo.boost (XGBoost) are not LightningModules; train and evaluate hand them over."""
-    return str(cfg.model.get("_target_", "")).startswith("zoo.boost.")
+def is_classic(cfg: DictConfig) -> bool:
+    """Models from zoo.classic (XGBoost, scikit-learn) are not LightningModules: train and evaluate hand them over."""
+    return str(cfg.model.get("_target_", "")).startswith("zoo.classic.")
 
 
 def build_model(cfg: DictConfig, datamodule: Any | None = None) -> Any:

@@ -1,7 +1,9 @@
-"""XGBoost behind train.py and evaluate.py: the run folder, metric names, TensorBoard and CV of the neural models.
+"""XGBoost and scikit-learn's classics behind train.py and evaluate.py: the run folder, metric names, TensorBoard
+and CV of the neural models.
 
-zoo.run hands over every model whose `_target_` starts with `zoo.boost.`: `fit_and_test` trains one booster
-(cross_validate calls it once per fold), `evaluate` rescores a saved `model.json` and predicts new CSV rows.
+zoo.run hands over every model whose `_target_` starts with `zoo.classic.`: `fit_and_test` trains one booster or
+fits one estimator (cross_validate calls it once per fold), `evaluate` rescores a saved `model.json` or
+`model.skops` and predicts new CSV rows.
 The Lightning groups (trainer, callbacks, optimizer, scheduler) do not apply; `logger=none` skips TensorBoard
 and `trainer.fast_dev_run` (debug=fdr) boosts a single round.
 """
@@ -16,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig
 
-from zoo.boost.model import XGBoostModel
+from zoo.classic import estimators
+from zoo.classic.estimators import Estimator
+from zoo.classic.model import XGBoostModel
 from zoo.data.table import SPLITS, Table, table_from_config
 from zoo.errors import UserError
 from zoo.records import flat_hparams, format_table, write_metrics
@@ -56,6 +60,8 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     _check_run(cfg, output_dir)
     model = build_model(cfg)
     table = table_from_config(cfg.data)
+    if isinstance(model, Estimator):
+        return _fit_and_test_estimator(cfg, output_dir, model, table)
     splits = table.splits()
     metric, maximize = early_stopping_metric(cfg, table.task)
     params = {**model.params(table.task, table.num_classes, int(cfg.seed)), "eval_metric": ROUND_METRICS[table.task]}
@@ -105,8 +111,33 @@ def _check_run(cfg: DictConfig, output_dir: Path) -> None:
         )
     if not cfg.get("train", True):
         raise UserError("train: false needs a trained model; score an XGBoost model with evaluate.py ckpt_path=<file>")
-    if (output_dir / "model.json").exists():
-        raise UserError(f"run folder '{output_dir}' already holds a model.json; a new run needs a new folder")
+    for saved in ("model.json", estimators.MODEL_FILE):
+        if (output_dir / saved).exists():
+            raise UserError(f"run folder '{output_dir}' already holds a {saved}; a new run needs a new folder")
+
+
+def _fit_and_test_estimator(cfg: DictConfig, output_dir: Path, model: Estimator, table: Table) -> dict[str, float]:
+    """A scikit-learn estimator: fit, score, save model.skops and metrics.json, log to TensorBoard."""
+    metrics, fitted = estimators.fit_and_test(cfg, output_dir, model, table)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    estimators.save(fitted, output_dir / estimators.MODEL_FILE)
+    write_metrics(output_dir / "metrics.json", metrics)
+    if cfg.get("logger"):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        from zoo.internals import add_summary
+
+        with SummaryWriter(str(output_dir / "tensorboard")) as writer:
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, 0)
+            estimators.log_figures(writer, fitted, estimators.encoded_names(table), 0)
+            flat = {k: v for k, v in flat_hparams(cfg).items() if k.startswith(("data.", "model.", "seed"))}
+            for summary in hparams(flat, {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}):
+                add_summary(writer, summary)
+    print(f"\n{model.kind} ({table.task}): metrics of {output_dir}")
+    print(format_table({k: f"{v:.4f}" for k, v in metrics.items() if k.startswith(("val/", "test/"))}))
+    return metrics
 
 
 def _watched_splits(
@@ -152,14 +183,27 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
     split = cfg.get("split", "test")
     if split not in ("test", "val"):
         raise UserError(f"split: unknown '{split}'; allowed: test, val")
-    booster = load_booster(ckpt_path)
     table = table_from_config(_data_from_launch_folder(run_cfg.data, ckpt_path))
-    if list(booster.feature_names or []) != list(table.x.columns):
-        raise UserError(f"ckpt_path: '{ckpt_path}' was trained on other columns than the table in its config.yaml")
+    if ckpt_path.suffix == ".skops":
+        fitted = estimators.load(ckpt_path)
+        if getattr(fitted, "n_features_in_", table.encoded_width) != table.encoded_width:
+            raise UserError(f"ckpt_path: '{ckpt_path}' was fitted on other columns than the table in its config.yaml")
+
+        def predict_rows(x: pd.DataFrame) -> np.ndarray:
+            return estimators.outputs(fitted, table.task, table.encoded(x))
+
+    else:
+        booster = load_booster(ckpt_path)
+        if list(booster.feature_names or []) != list(table.x.columns):
+            raise UserError(f"ckpt_path: '{ckpt_path}' was trained on other columns than the table in its config.yaml")
+
+        def predict_rows(x: pd.DataFrame) -> np.ndarray:
+            return predict(booster, x)
+
     x, y = table.splits()[split]
     if not len(y):
         raise UserError(f"split: the run's {split} split is empty (data.{split}_fraction is 0)")
-    metrics = score(table.task, y, predict(booster, x), split, table.num_classes)
+    metrics = score(table.task, y, predict_rows(x), split, table.num_classes)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(output_dir / "metrics.json", metrics)
@@ -167,12 +211,12 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
     if cfg.get("data_path"):
         target = Path(cfg.get("predictions") or output_dir / "predictions.csv")
-        rows = write_predictions(booster, table, Path(cfg.data_path), target)
+        rows = write_predictions(predict_rows, table, Path(cfg.data_path), target)
         print(f"wrote {rows} predictions to {target}")
     return metrics
 
 
-def build_model(cfg: DictConfig) -> XGBoostModel:
+def build_model(cfg: DictConfig) -> XGBoostModel | Estimator:
     """Instantiate `model`; a bad value surfaces as its own one-line UserError rather than Hydra's wrapper."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
@@ -184,8 +228,8 @@ def build_model(cfg: DictConfig) -> XGBoostModel:
         if isinstance(cause, UserError):
             raise cause from None
         raise
-    if not isinstance(model, XGBoostModel):
-        raise UserError(f"model._target_: expected zoo.boost.model.XGBoostModel, got {cfg.model._target_}")
+    if not isinstance(model, XGBoostModel | Estimator):
+        raise UserError(f"model._target_: expected an XGBoost or scikit-learn model, got {cfg.model._target_}")
     return model
 
 
@@ -258,7 +302,7 @@ def load_booster(path: Path) -> Any:
         raise UserError(f"ckpt_path: '{path}' is not a readable XGBoost model ({_first_line(error)})") from error
 
 
-def write_predictions(booster: Any, table: Table, source: Path, target: Path) -> int:
+def write_predictions(predict_rows: Any, table: Table, source: Path, target: Path) -> int:
     """The rows of `source` with a `prediction` column (class label or value) and, for classes, probabilities."""
     import pandas as pd
 
@@ -268,7 +312,7 @@ def write_predictions(booster: Any, table: Table, source: Path, target: Path) ->
         frame = pd.read_csv(source)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise UserError(f"data_path: '{source}' is not a readable CSV file ({_first_line(error)})") from error
-    output = predict(booster, table.features_of(frame))
+    output = predict_rows(table.features_of(frame))
     result = frame.copy()
     if table.task == "regression":
         result["prediction"] = output

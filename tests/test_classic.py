@@ -178,7 +178,7 @@ def test_relative_csv_path_is_read_from_the_training_launch_folder(train_config,
 
 
 def test_monitor_chooses_what_early_stopping_watches(train_config) -> None:
-    from zoo.boost.run import early_stopping_metric
+    from zoo.classic.run import early_stopping_metric
 
     cfg = train_config("data=breast_cancer", "model=xgboost")
     assert (cfg.monitor, cfg.monitor_mode) == ("val/loss", "min")  # model=xgboost sets them; experiments may not

@@ -11,7 +11,7 @@ OBJECTIVES = {"binary": "binary:logistic", "multiclass": "multi:softprob", "regr
 
 
 class XGBoostModel:
-    """What to boost, not a trained model: Hydra instantiates it from `model.*`, zoo.boost.run trains with it.
+    """What to boost, not a trained model: Hydra instantiates it from `model.*`, zoo.classic.run trains with it.
 
     Every value is checked here so that a mistake is one line naming its key instead of an XGBoost trace
     halfway through a sweep. The objective follows the data's task (binary, multiclass, regression).

@@ -1,0 +1,92 @@
+"""scikit-learn's classics through train.py and evaluate.py: the textbook tree, skops files, pruning, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import compose_config
+from tests.test_classic import csv_config, write_csv
+from zoo.classic import estimators
+from zoo.classic.estimators import Estimator
+from zoo.errors import UserError
+from zoo.run import evaluate, train
+
+KINDS = sorted(estimators.KINDS)
+
+
+def test_an_entropy_tree_splits_by_the_textbook_information_gain() -> None:
+    # 10 examples, 5 of each class; the feature sends 5 to each side with 4:1 and 1:4 of the classes
+    x = np.array([[0]] * 5 + [[1]] * 5, dtype=float)
+    y = np.array([1, 1, 1, 1, 0, 1, 0, 0, 0, 0])
+    fitted = Estimator("decision_tree", criterion="entropy", max_depth=1).pipeline("binary", seed=0).fit(x, y)
+    tree = fitted[-1].tree_
+    root, left, right = tree.impurity[0], tree.impurity[1], tree.impurity[2]
+    assert root == pytest.approx(1.0)
+    assert left == pytest.approx(0.7219, abs=1e-4) and right == pytest.approx(0.7219, abs=1e-4)
+    gain = root - 0.5 * left - 0.5 * right
+    assert gain == pytest.approx(0.278, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_learns_the_csv_table_and_evaluate_reproduces_it(train_config, tmp_path: Path, kind: str) -> None:
+    path = write_csv(tmp_path / "table.csv")
+    target = "level" if kind == "linear_regression" else "sick"
+    drop = "data.drop=[grade,sick]" if target == "level" else "data.drop=[grade,level]"
+    cfg = csv_config(train_config, path, target, drop, folder=kind)
+    cfg.model = compose_config("train", [f"model={kind}"], tmp_path).model
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    logged = json.loads((run / "metrics.json").read_text())
+    if target == "level":
+        assert logged["test/r2"] > 0.8, logged  # missing colours are imputed, so not all of it is linear
+    else:
+        assert logged["test/acc"] > 0.75, logged  # chance is about 0.5
+    eval_cfg = compose_config("eval", [f"ckpt_path={run / 'model.skops'}"], tmp_path)
+    eval_cfg.paths.output_dir = str(tmp_path / f"eval_{kind}")
+    assert evaluate(eval_cfg) == {k: v for k, v in logged.items() if k.startswith("test/")}
+
+
+def test_auto_pruning_chooses_a_smaller_tree_by_inner_cross_validation() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5))
+    y = ((x[:, 0] > 0) ^ (rng.random(300) < 0.2)).astype(int)  # one informative split plus 20% label noise
+    model = Estimator("decision_tree", ccp_alpha="auto")
+    alpha = estimators.choose_ccp_alpha(model, "binary", x, y, seed=0)
+    grown = Estimator("decision_tree").pipeline("binary", seed=0).fit(x, y)[-1]
+    pruned = model.pipeline("binary", seed=0, ccp_alpha=alpha).fit(x, y)[-1]
+    assert alpha > 0 and pruned.get_n_leaves() < grown.get_n_leaves() / 5, (alpha, pruned.get_n_leaves())
+
+
+def test_a_saved_model_loads_only_from_allow_listed_types(tmp_path: Path) -> None:
+    import collections
+    import pickle
+
+    import skops.io as sio
+
+    foreign = tmp_path / "foreign.skops"
+    foreign.write_bytes(sio.dumps({"lookup": collections.Counter(a=1)}))
+    with pytest.raises(UserError, match=r"^ckpt_path: refused to load .*collections.Counter"):
+        estimators.load(foreign)
+    pickled = tmp_path / "pickled.skops"
+    pickled.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(UserError, match=r"^ckpt_path: '.*pickled.skops' is not a skops model file"):
+        estimators.load(pickled)
+
+
+def test_bad_settings_are_one_line_naming_the_key(train_config, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"^model.kind: unknown 'forest'; allowed: random_forest, extra_trees"):
+        Estimator("forest")
+    with pytest.raises(UserError, match=r"^model.n_neighbours: not a setting of knn; allowed: .*n_neighbors"):
+        Estimator("knn", n_neighbours=3)
+    with pytest.raises(UserError, match=r"^model: logistic_regression needs a regression table|^model: logistic"):
+        Estimator("logistic_regression").estimator_class("regression")
+    with pytest.raises(UserError, match=r"^model.ccp_alpha: 'auto' chooses the pruning of a decision_tree"):
+        Estimator("random_forest", ccp_alpha="auto")
+    path = write_csv(tmp_path / "table.csv")
+    cfg = csv_config(train_config, path, "sick", "data.drop=[grade,level]")
+    cfg.model = compose_config("train", ["model=random_forest", "model.n_estimators=-1"], tmp_path).model
+    with pytest.raises(UserError, match=r"^model: random_forest refused its settings: .*n_estimators.*-1"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "model.skops").exists()
