@@ -8,6 +8,7 @@ its time if its best parameters beat the defaults on those folds.
     python benchmarks/boost.py                             # 4 tables, 5 folds: about a minute on 2 cores
     python benchmarks/boost.py --optuna-trials 30          # also a TPE search on breast cancer (a few minutes)
     python benchmarks/boost.py --experiments xgb_wine --folds 10
+    python benchmarks/boost.py --classic                   # also every scikit-learn kind on every table
 """
 
 from __future__ import annotations
@@ -46,11 +47,27 @@ TARGETS = {
 }
 
 
+# table -> (data config, metric); each scikit-learn kind that fits the table's task, beside XGBoost's experiment
+TABLES = {
+    "breast_cancer": ("breast_cancer", "test/acc"),
+    "wine": ("wine", "test/acc"),
+    "digits": ("digits_flat", "test/acc"),
+    "diabetes": ("diabetes", "test/r2"),
+}
+OTHERS = ["knn", "svm", "decision_tree", "random_forest", "extra_trees", "adaboost"]
+CLASSIFIERS = ["dummy", "logistic_regression", *OTHERS]
+REGRESSORS = ["dummy", "linear_regression", *OTHERS]
+
+
 def cross_validate(experiment: str, folds: int, folder: Path, overrides: list[str] = ()) -> tuple[dict, float]:
-    """`train.py experiment=<name> cv.folds=<k>` in this process; the CV report (cv.json) and the wall time."""
+    """`train.py experiment=<name> cv.folds=<k>` in this process; the CV report (cv.json) and the wall time.
+
+    `experiment` may also be a list of overrides joined by spaces (`data=wine model=knn`)."""
     from zoo.run import train
 
-    cfg = compose_config([f"experiment={experiment}", f"cv.folds={folds}", *QUIET, *overrides], folder, experiment)
+    chosen = experiment.split() if "=" in experiment else [f"experiment={experiment}"]
+    name = experiment.replace(" ", "_").replace("=", "-")
+    cfg = compose_config([*chosen, f"cv.folds={folds}", *QUIET, *overrides], folder, name)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(Path(cfg.paths.output_dir) / "stdout.txt", "w") as log, contextlib.redirect_stdout(log):
@@ -86,11 +103,28 @@ def mean_std(report: dict, metric: str) -> str:
     return f"{report['mean'][metric]:.4f} ± {report['std'][metric]:.4f}"
 
 
+def classic_table(folds: int, folder: Path) -> str:
+    """Every scikit-learn kind and XGBoost per table, one CV each on the same folds; `dummy` (the majority class
+    or the mean) is the floor."""
+    rows = [["table", "model", "metric", f"{folds}-fold mean ± std", "wall"]]
+    for name, (data, metric) in TABLES.items():
+        kinds = REGRESSORS if metric == "test/r2" else CLASSIFIERS
+        runs = [(kind, f"data={data} model={kind}") for kind in kinds] + [("xgboost", f"xgb_{name}")]
+        for kind, chosen in runs:
+            report, seconds = cross_validate(chosen, folds, folder)
+            rows.append([name, kind, metric, mean_std(report, metric), f"{seconds:.1f} s"])
+            print(f"  {name} {kind}: {metric} {mean_std(report, metric)} in {seconds:.1f} s", flush=True)
+    return f"\nscikit-learn's classics and XGBoost, {folds}-fold cross-validation\n{table(rows)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", default=",".join(TARGETS), help="comma-separated experiment configs")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--optuna-trials", type=int, default=0, help="also run the xgb_optuna search (0: skip)")
+    parser.add_argument(
+        "--classic", action="store_true", help="also every scikit-learn kind on every table, on the same folds"
+    )
     args = parser.parse_args()
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     unknown = [e for e in experiments if e not in TARGETS]
@@ -111,6 +145,9 @@ def main() -> None:
             print(f"  {experiment}: {target.metric} {mean_std(report, target.metric)} in {seconds:.1f} s", flush=True)
         print(f"\nXGBoost, {args.folds}-fold cross-validation on scikit-learn's bundled tables")
         print(table(rows))
+
+        if args.classic:
+            print(classic_table(args.folds, folder / "classic"))
 
         if args.optuna_trials:
             default, default_seconds = cross_validate("xgb_breast_cancer", args.folds, folder / "default")

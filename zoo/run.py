@@ -42,9 +42,20 @@ def train(cfg: DictConfig) -> float | None:
     metrics = cross_validate(cfg, output_dir, folds) if folds > 1 else fit_and_test(cfg, output_dir)
     _close_process_group()
     value = metrics.get(cfg.optimized_metric)
-    if value is None:
-        log.warning("optimized_metric '%s' was not logged; logged: %s", cfg.optimized_metric, ", ".join(metrics))
+    if value is None and _in_a_sweep():  # a single run's return value goes nowhere; a sweep's ranks the trials
+        logged = ", ".join(k for k in metrics if k.startswith("val/"))
+        log.warning("optimized_metric '%s' was not logged; set it to one of: %s", cfg.optimized_metric, logged)
     return value
+
+
+def _in_a_sweep() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # no Hydra run: the Python API
+        return False
 
 
 def quiet_lightning_logging() -> None:

@@ -34,6 +34,7 @@ KINDS: dict[str, tuple[str, str | None]] = {
     "linear_regression": ("", "linear_model.LinearRegression"),
     "knn": ("neighbors.KNeighborsClassifier", "neighbors.KNeighborsRegressor"),
     "svm": ("svm.SVC", "svm.SVR"),
+    "dummy": ("dummy.DummyClassifier", "dummy.DummyRegressor"),  # the floor: the majority class, or the mean
 }
 # distances and margins depend on each column's scale; trees do not
 SCALED = {"logistic_regression", "linear_regression", "knn", "svm"}
