@@ -104,12 +104,20 @@ def mean_std(report: dict, metric: str) -> str:
 
 
 def classic_table(folds: int, folder: Path) -> str:
-    """Every scikit-learn kind and XGBoost per table, one CV each on the same folds; `dummy` (the majority class
-    or the mean) is the floor."""
+    """Every scikit-learn kind, XGBoost and the two ensembles per table, one CV each on the same folds; `dummy`
+    (the majority class or the mean) is the floor."""
     rows = [["table", "model", "metric", f"{folds}-fold mean ± std", "wall"]]
     for name, (data, metric) in TABLES.items():
         kinds = REGRESSORS if metric == "test/r2" else CLASSIFIERS
         runs = [(kind, f"data={data} model={kind}") for kind in kinds] + [("xgboost", f"xgb_{name}")]
+        if metric == "test/r2":
+            members = "model.members=[linear_regression,random_forest,svm]"
+            runs += [
+                ("voting", f"data={data} model=voting {members}"),
+                ("stacking", f"data={data} model=stacking {members} model.final=linear_regression"),
+            ]
+        else:
+            runs += [("voting", f"data={data} model=voting"), ("stacking", f"data={data} model=stacking")]
         for kind, chosen in runs:
             report, seconds = cross_validate(chosen, folds, folder)
             rows.append([name, kind, metric, mean_std(report, metric), f"{seconds:.1f} s"])

@@ -41,11 +41,22 @@ def test_every_kind_learns_the_csv_table_and_evaluate_reproduces_it(train_config
     logged = json.loads((run / "metrics.json").read_text())
     if target == "level":
         assert logged["test/r2"] > 0.8, logged  # missing colours are imputed, so not all of it is linear
+    elif kind == "dummy":
+        assert logged["test/acc"] < 0.7, logged  # the floor: the majority class of a table near 50:50
     else:
         assert logged["test/acc"] > 0.75, logged  # chance is about 0.5
     eval_cfg = compose_config("eval", [f"ckpt_path={run / 'model.skops'}"], tmp_path)
     eval_cfg.paths.output_dir = str(tmp_path / f"eval_{kind}")
     assert evaluate(eval_cfg) == {k: v for k, v in logged.items() if k.startswith("test/")}
+
+
+def test_an_ensemble_member_takes_its_model_config_and_changes() -> None:
+    voting = Estimator("voting", members=["svm", {"kind": "knn", "n_neighbors": 7}])
+    svm, knn = voting.members
+    assert svm.params["probability"] is True  # from configs/model/svm.yaml, which soft voting needs
+    assert knn.params["n_neighbors"] == 7 and knn.params["weights"] == "uniform"
+    fitted = voting.pipeline("binary", seed=0)[-1]
+    assert [name for name, _ in fitted.estimators] == ["svm_0", "knn_1"]
 
 
 def test_auto_pruning_chooses_a_smaller_tree_by_inner_cross_validation() -> None:
@@ -82,6 +93,12 @@ def test_bad_settings_are_one_line_naming_the_key(train_config, tmp_path: Path) 
         Estimator("knn", n_neighbours=3)
     with pytest.raises(UserError, match=r"^model: logistic_regression needs a regression table|^model: logistic"):
         Estimator("logistic_regression").estimator_class("regression")
+    with pytest.raises(UserError, match=r"^model.members: unknown kind 'forest'; allowed: random_forest"):
+        Estimator("voting", members=["forest", "knn"])
+    with pytest.raises(UserError, match=r"^model.members: voting combines at least two kinds"):
+        Estimator("voting", members=["knn"])
+    with pytest.raises(UserError, match=r"^model.members: only voting, stacking take members, not knn"):
+        Estimator("knn", members=["svm", "knn"])
     with pytest.raises(UserError, match=r"^model.ccp_alpha: 'auto' chooses the pruning of a decision_tree"):
         Estimator("random_forest", ccp_alpha="auto")
     path = write_csv(tmp_path / "table.csv")

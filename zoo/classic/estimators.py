@@ -35,7 +35,11 @@ KINDS: dict[str, tuple[str, str | None]] = {
     "knn": ("neighbors.KNeighborsClassifier", "neighbors.KNeighborsRegressor"),
     "svm": ("svm.SVC", "svm.SVR"),
     "dummy": ("dummy.DummyClassifier", "dummy.DummyRegressor"),  # the floor: the majority class, or the mean
+    "voting": ("ensemble.VotingClassifier", "ensemble.VotingRegressor"),
+    "stacking": ("ensemble.StackingClassifier", "ensemble.StackingRegressor"),
 }
+# kinds whose `members` are other kinds, each configured as its own model config says
+ENSEMBLES = ("voting", "stacking")
 # distances and margins depend on each column's scale; trees do not
 SCALED = {"logistic_regression", "linear_regression", "knn", "svm"}
 # the modules a saved pipeline may be built from (skops checks every type in the file against these)
@@ -46,11 +50,17 @@ MODEL_FILE = "model.skops"
 class Estimator:
     """What to fit, not a fitted model: Hydra builds it from `model.*`, `fit_and_test` fits it on a table."""
 
-    def __init__(self, kind: str, **params: Any) -> None:
+    def __init__(self, kind: str, members: list[Any] | None = None, final: Any = None, **params: Any) -> None:
         if kind not in KINDS:
             raise UserError(f"model.kind: unknown '{kind}'; allowed: {', '.join(KINDS)}")
         self.kind = kind
         self.params = dict(params)
+        self.members = [member_estimator(m, "model.members") for m in members or []]
+        self.final = member_estimator(final, "model.final") if final is not None else None
+        if kind in ENSEMBLES and len(self.members) < 2:
+            raise UserError(f"model.members: {kind} combines at least two kinds, got {members!r}")
+        if kind not in ENSEMBLES and (members or final is not None):
+            raise UserError(f"model.members: only {', '.join(ENSEMBLES)} take members, not {kind}")
         self.auto_pruning = params.get("ccp_alpha") == "auto"
         if self.auto_pruning and kind != "decision_tree":
             raise UserError("model.ccp_alpha: 'auto' chooses the pruning of a decision_tree; give a number here")
@@ -58,7 +68,7 @@ class Estimator:
         for path in KINDS[kind]:
             if path:
                 allowed |= set(inspect.signature(_sklearn_class(path)).parameters)
-        unknown = sorted(set(params) - allowed)
+        unknown = sorted(set(params) - allowed - {"estimators", "final_estimator"})
         if unknown:
             raise UserError(f"model.{unknown[0]}: not a setting of {kind}; allowed: {', '.join(sorted(allowed))}")
 
@@ -89,11 +99,41 @@ class Estimator:
         }
         if "random_state" in accepted and params.get("random_state") is None:
             params["random_state"] = seed
+        if self.kind in ENSEMBLES:  # each member brings its own imputation and scaling
+            params["estimators"] = [(f"{m.kind}_{i}", m.pipeline(task, seed)) for i, m in enumerate(self.members)]
+            if self.final is not None and "final_estimator" in accepted:
+                params["final_estimator"] = self.final.pipeline(task, seed)
         steps: list[tuple[str, Any]] = [("impute", SimpleImputer(strategy="mean", keep_empty_features=True))]
         if self.kind in SCALED:
             steps.append(("scale", StandardScaler()))
-        steps.append(("model", cls(**params)))
+        # SVC's probability: Platt scaling (a sigmoid on the margin) fitted by internal CV, which scikit-learn now
+        # offers as a wrapper instead of the deprecated SVC(probability=True)
+        calibrated = self.kind == "svm" and params.pop("probability", False)
+        estimator = cls(**params)
+        if calibrated:
+            from sklearn.calibration import CalibratedClassifierCV
+
+            estimator = CalibratedClassifierCV(estimator, method="sigmoid", ensemble=False)
+        steps.append(("model", estimator))
         return Pipeline(steps)
+
+
+def member_estimator(spec: Any, key: str) -> Estimator:
+    """A member of an ensemble: a kind with the settings of its model config (`svm` is configs/model/svm.yaml),
+    or a mapping {kind: svm, C: 10} that changes some of them."""
+    from omegaconf import OmegaConf
+
+    from zoo.cli import CONFIG_DIR
+
+    spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+    changes = dict(spec) if isinstance(spec, dict) else {"kind": spec}
+    kind = changes.pop("kind", None)
+    if kind not in KINDS or kind in ENSEMBLES:
+        allowed = ", ".join(k for k in KINDS if k not in ENSEMBLES)
+        raise UserError(f"{key}: unknown kind {kind!r}; allowed: {allowed}")
+    configured = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{kind}.yaml").model)
+    settings = {k: v for k, v in configured.items() if k not in ("_target_", "kind")}
+    return Estimator(kind, **{**settings, **changes})
 
 
 def fit_and_test(cfg: Any, output_dir: Path, model: Estimator, table: Any) -> tuple[dict[str, float], Any]:
