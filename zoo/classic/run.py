@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig
 
-from zoo.classic import estimators
+from zoo.classic import estimators, unsupervised
 from zoo.classic.estimators import Estimator
 from zoo.classic.model import XGBoostModel
+from zoo.classic.unsupervised import PCA, KMeans
 from zoo.data.table import SPLITS, Table, table_from_config
 from zoo.errors import UserError
 from zoo.records import flat_hparams, format_table, write_metrics
@@ -62,6 +63,8 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     table = table_from_config(cfg.data)
     if isinstance(model, Estimator):
         return _fit_and_test_estimator(cfg, output_dir, model, table)
+    if isinstance(model, KMeans | PCA):
+        return _fit_and_test_unsupervised(cfg, output_dir, model, table)
     splits = table.splits()
     metric, maximize = early_stopping_metric(cfg, table.task)
     params = {**model.params(table.task, table.num_classes, int(cfg.seed)), "eval_metric": ROUND_METRICS[table.task]}
@@ -140,6 +143,28 @@ def _fit_and_test_estimator(cfg: DictConfig, output_dir: Path, model: Estimator,
     return metrics
 
 
+def _fit_and_test_unsupervised(
+    cfg: DictConfig, output_dir: Path, model: KMeans | PCA, table: Table
+) -> dict[str, float]:
+    """k-means or PCA: fit on the training rows, score every split, save model.pt and metrics.json, log."""
+    metrics = unsupervised.fit_and_test(cfg, output_dir, model, table)
+    write_metrics(output_dir / "metrics.json", metrics)
+    if cfg.get("logger"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(output_dir / "tensorboard")) as writer:
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, 0)
+            if (output_dir / "pca.png").is_file():
+                import matplotlib.image
+
+                image = matplotlib.image.imread(output_dir / "pca.png")[..., :3]
+                writer.add_image("pca", image, 0, dataformats="HWC")
+    print(f"\n{type(model).__name__} on {table.dataset}: metrics of {output_dir}")
+    print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
+    return metrics
+
+
 def _watched_splits(
     splits: dict[str, Any], early_stopping_rounds: int | None, metric: str, maximize: bool
 ) -> tuple[list[tuple[Any, str]], list[Any]]:
@@ -183,6 +208,10 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
     split = cfg.get("split", "test")
     if split not in ("test", "val"):
         raise UserError(f"split: unknown '{split}'; allowed: test, val")
+    if ckpt_path.suffix == ".pt":
+        raise UserError(
+            f"ckpt_path: k-means and PCA runs are scored as they fit; see the metrics.json beside '{ckpt_path}'"
+        )
     table = table_from_config(_data_from_launch_folder(run_cfg.data, ckpt_path))
     if ckpt_path.suffix == ".skops":
         fitted = estimators.load(ckpt_path)
@@ -216,7 +245,7 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def build_model(cfg: DictConfig) -> XGBoostModel | Estimator:
+def build_model(cfg: DictConfig) -> XGBoostModel | Estimator | KMeans | PCA:
     """Instantiate `model`; a bad value surfaces as its own one-line UserError rather than Hydra's wrapper."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
@@ -228,7 +257,7 @@ def build_model(cfg: DictConfig) -> XGBoostModel | Estimator:
         if isinstance(cause, UserError):
             raise cause from None
         raise
-    if not isinstance(model, XGBoostModel | Estimator):
+    if not isinstance(model, XGBoostModel | Estimator | KMeans | PCA):
         raise UserError(f"model._target_: expected an XGBoost or scikit-learn model, got {cfg.model._target_}")
     return model
 

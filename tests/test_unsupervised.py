@@ -1,0 +1,76 @@
+"""k-means and PCA in torch against scikit-learn on the same data, and through train.py."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zoo.classic.unsupervised import PCA, KMeans
+from zoo.errors import UserError
+from zoo.run import train
+
+
+def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_blobs
+
+    return make_blobs(n_samples=600, centers=6, n_features=5, cluster_std=1.5, random_state=seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_reaches_scikit_learns_inertia_on_blobs(seed: int) -> None:
+    from sklearn.cluster import KMeans as SkKMeans
+
+    x, _ = blobs(seed)
+    ours = KMeans(n_clusters=6, n_init=10).fit(x, seed=seed)
+    theirs = SkKMeans(n_clusters=6, n_init=10, random_state=seed).fit(x)
+    assert ours.inertia == pytest.approx(theirs.inertia_, rel=0.01)
+    assert ours.predict(x)[1] == pytest.approx(ours.inertia)
+
+
+def test_kmeans_finds_the_planted_clusters() -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    x, y = blobs(3)
+    labels, _ = KMeans(n_clusters=6).fit(x, seed=0).predict(x)
+    assert adjusted_rand_score(y, labels) > 0.9
+
+
+def test_pca_components_match_scikit_learn_up_to_sign() -> None:
+    from sklearn.decomposition import PCA as SkPCA
+
+    x, _ = blobs(0)
+    ours = PCA(n_components=3).fit(x)
+    theirs = SkPCA(n_components=3).fit(x)
+    for mine, reference in zip(ours.components.numpy(), theirs.components_):
+        assert min(np.abs(mine - reference).max(), np.abs(mine + reference).max()) < 1e-8
+    assert np.allclose(ours.explained_variance_ratio[:3], theirs.explained_variance_ratio_)
+    # with every component the reconstruction is exact
+    assert PCA(n_components=5).fit(x).reconstruction_error(x) < 1e-20
+
+
+def test_bad_sizes_are_one_line() -> None:
+    with pytest.raises(UserError, match=r"^model.n_clusters: 20 clusters need at least as many rows, got 10"):
+        KMeans(n_clusters=20).fit(np.zeros((10, 2)), seed=0)
+    with pytest.raises(UserError, match=r"^model.n_components: at most 3 for a table of shape \(10, 3\)"):
+        PCA(n_components=4).fit(np.zeros((10, 3)))
+    with pytest.raises(UserError, match=r"^model.n_init: expected an integer >= 1, got 0"):
+        KMeans(n_init=0)
+
+
+def test_kmeans_digits_through_train_py_matches_the_reference_range(train_config) -> None:
+    cfg = train_config("experiment=kmeans_digits", "model.n_init=3")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    # scikit-learn's KMeans on the digits: ARI about 0.6-0.7 against the labels
+    assert 0.5 < metrics["test/ari"] < 0.85 and metrics["test/nmi"] > 0.6, metrics
+    assert (Path(cfg.paths.output_dir) / "model.pt").is_file()
+
+
+def test_pca_digits_writes_its_picture(train_config) -> None:
+    cfg = train_config("experiment=pca_digits")
+    train(cfg)
+    output = Path(cfg.paths.output_dir)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0.2 < metrics["train/explained_variance"] < 0.4, metrics  # two of 64 pixel directions
+    assert (output / "pca.png").stat().st_size > 10_000
