@@ -74,3 +74,33 @@ def test_pca_digits_writes_its_picture(train_config) -> None:
     metrics = json.loads((output / "metrics.json").read_text())
     assert 0.2 < metrics["train/explained_variance"] < 0.4, metrics  # two of 64 pixel directions
     assert (output / "pca.png").stat().st_size > 10_000
+
+
+def test_epsilon_by_validation_f1_separates_planted_anomalies() -> None:
+    from zoo.classic.unsupervised import GaussianAnomaly
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=(500, 3))
+    model = GaussianAnomaly(multivariate=True).fit(normal)
+    val = np.vstack([rng.normal(size=(95, 3)), rng.normal(loc=6.0, size=(5, 3))])
+    labels = np.array([0] * 95 + [1] * 5)
+    model.choose_epsilon(val, labels)
+    assert model.predict(val).tolist() == labels.tolist()
+    unseen = np.vstack([rng.normal(size=(50, 3)), rng.normal(loc=-6.0, size=(3, 3))])
+    assert model.predict(unseen)[-3:].tolist() == [1, 1, 1] and model.predict(unseen)[:50].sum() <= 2
+
+
+def test_anomaly_digits_builds_its_table_and_finds_the_other_digits(train_config) -> None:
+    cfg = train_config("experiment=anomaly_digits")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert 0.03 < metrics["train/anomaly_share"] < 0.07, metrics  # 5% of the rows, about as much in each split
+    assert metrics["test/recall"] >= 0.5 and metrics["test/f1"] > 0.5, metrics
+
+
+def test_anomaly_model_without_anomaly_labels_is_one_line(train_config) -> None:
+    cfg = train_config("data=digits_flat", "model=gaussian_anomaly")
+    with pytest.raises(UserError, match=r"^data.normal_class: the Gaussian anomaly model needs anomaly labels"):
+        train(cfg)
+    with pytest.raises(UserError, match=r"^data.normal_class: no row has the label 'x'"):
+        train(train_config("experiment=anomaly_digits", "data.normal_class=x", folder="x"))

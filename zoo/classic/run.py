@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from zoo.classic import estimators, unsupervised
 from zoo.classic.estimators import Estimator
 from zoo.classic.model import XGBoostModel
-from zoo.classic.unsupervised import PCA, KMeans
+from zoo.classic.unsupervised import PCA, GaussianAnomaly, KMeans
 from zoo.data.table import SPLITS, Table, table_from_config
 from zoo.errors import UserError
 from zoo.records import flat_hparams, format_table, write_metrics
@@ -63,7 +63,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     table = table_from_config(cfg.data)
     if isinstance(model, Estimator):
         return _fit_and_test_estimator(cfg, output_dir, model, table)
-    if isinstance(model, KMeans | PCA):
+    if isinstance(model, KMeans | PCA | GaussianAnomaly):
         return _fit_and_test_unsupervised(cfg, output_dir, model, table)
     splits = table.splits()
     metric, maximize = early_stopping_metric(cfg, table.task)
@@ -144,7 +144,7 @@ def _fit_and_test_estimator(cfg: DictConfig, output_dir: Path, model: Estimator,
 
 
 def _fit_and_test_unsupervised(
-    cfg: DictConfig, output_dir: Path, model: KMeans | PCA, table: Table
+    cfg: DictConfig, output_dir: Path, model: KMeans | PCA | GaussianAnomaly, table: Table
 ) -> dict[str, float]:
     """k-means or PCA: fit on the training rows, score every split, save model.pt and metrics.json, log."""
     metrics = unsupervised.fit_and_test(cfg, output_dir, model, table)
@@ -210,7 +210,7 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
         raise UserError(f"split: unknown '{split}'; allowed: test, val")
     if ckpt_path.suffix == ".pt":
         raise UserError(
-            f"ckpt_path: k-means and PCA runs are scored as they fit; see the metrics.json beside '{ckpt_path}'"
+            f"ckpt_path: k-means, PCA and anomaly runs are scored as they fit; see metrics.json beside '{ckpt_path}'"
         )
     table = table_from_config(_data_from_launch_folder(run_cfg.data, ckpt_path))
     if ckpt_path.suffix == ".skops":
@@ -245,7 +245,7 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def build_model(cfg: DictConfig) -> XGBoostModel | Estimator | KMeans | PCA:
+def build_model(cfg: DictConfig) -> XGBoostModel | Estimator | KMeans | PCA | GaussianAnomaly:
     """Instantiate `model`; a bad value surfaces as its own one-line UserError rather than Hydra's wrapper."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
@@ -257,7 +257,7 @@ def build_model(cfg: DictConfig) -> XGBoostModel | Estimator | KMeans | PCA:
         if isinstance(cause, UserError):
             raise cause from None
         raise
-    if not isinstance(model, XGBoostModel | Estimator | KMeans | PCA):
+    if not isinstance(model, XGBoostModel | Estimator | KMeans | PCA | GaussianAnomaly):
         raise UserError(f"model._target_: expected an XGBoost or scikit-learn model, got {cfg.model._target_}")
     return model
 

@@ -144,7 +144,67 @@ class PCA:
         return float(((projected @ self.components + self.mean) - data).square().mean())
 
 
-def fit_and_test(cfg: Any, output_dir: Path, model: KMeans | PCA, table: Any) -> dict[str, float]:
+class GaussianAnomaly:
+    """Anomaly detection by density: a Gaussian fitted to the normal training rows (one per feature, or one with a
+    full covariance when `multivariate`), and a row is an anomaly when its log-density falls below log ε.
+
+    ε (`epsilon: auto`) is the threshold with the best F1 on the labelled validation rows, as in Ng's course notes;
+    a number fixes log ε instead. Constant features (a digit's always-blank corner pixels) get the variance floor
+    `min_variance` times the mean feature variance, so that they do not make every other row infinitely unlikely.
+    """
+
+    def __init__(
+        self, multivariate: bool = False, epsilon: Any = "auto", min_variance: float = 0.01, device: str = "cpu"
+    ) -> None:
+        if epsilon != "auto" and (isinstance(epsilon, bool) or not isinstance(epsilon, int | float)):
+            raise UserError(f"model.epsilon: expected auto or a log-density threshold, got {epsilon!r}")
+        if not min_variance > 0:
+            raise UserError(f"model.min_variance: expected a number > 0, got {min_variance!r}")
+        self.multivariate, self.epsilon, self.min_variance, self.device = multivariate, epsilon, min_variance, device
+        self.mean: Any = None
+        self.precision: Any = None
+        self.log_norm = 0.0
+        self.log_epsilon = float(epsilon) if epsilon != "auto" else math.nan
+
+    def fit(self, x: np.ndarray, seed: int = 0) -> GaussianAnomaly:
+        import torch
+
+        data = torch.as_tensor(x, dtype=torch.float64, device=self.device)
+        self.mean = data.mean(dim=0)
+        centred = data - self.mean
+        floor = self.min_variance * float(centred.var(dim=0).mean().clamp(min=1e-12))
+        if self.multivariate:
+            covariance = centred.T @ centred / max(1, len(data) - 1)
+            covariance += floor * torch.eye(len(covariance), dtype=covariance.dtype, device=covariance.device)
+        else:
+            covariance = torch.diag(centred.var(dim=0).clamp(min=floor))
+        self.precision = torch.linalg.inv(covariance)
+        self.log_norm = -0.5 * (len(covariance) * math.log(2 * math.pi) + float(torch.logdet(covariance)))
+        return self
+
+    def log_density(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        centred = torch.as_tensor(x, dtype=torch.float64, device=self.device) - self.mean
+        return (self.log_norm - 0.5 * ((centred @ self.precision) * centred).sum(dim=1)).cpu().numpy()
+
+    def choose_epsilon(self, x: np.ndarray, anomaly: np.ndarray) -> float:
+        """The log-density threshold with the best F1 on labelled rows (the most permissive one among ties)."""
+        from sklearn.metrics import f1_score
+
+        density = self.log_density(x)
+        candidates = np.unique(density)
+        if len(candidates) > 1000:
+            candidates = np.quantile(density, np.linspace(0, 1, 1000))
+        scores = [f1_score(anomaly, density < c, zero_division=0) for c in candidates]
+        self.log_epsilon = float(candidates[int(np.argmax(scores))])
+        return self.log_epsilon
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (self.log_density(x) < self.log_epsilon).astype(np.int64)
+
+
+def fit_and_test(cfg: Any, output_dir: Path, model: KMeans | PCA | GaussianAnomaly, table: Any) -> dict[str, float]:
     """Fit on the training rows; score every split; write the model's tensors and its figures to the run folder."""
     import torch
 
@@ -152,6 +212,8 @@ def fit_and_test(cfg: Any, output_dir: Path, model: KMeans | PCA, table: Any) ->
 
     splits = {name: (table.encoded(x), y) for name, (x, y) in table.splits().items() if len(y)}
     train_x = np.nan_to_num(splits["train"][0], nan=0.0)
+    if isinstance(model, GaussianAnomaly):
+        return _fit_and_test_anomaly(model, splits, table, output_dir)
     model.fit(train_x, int(cfg.seed))
     metrics: dict[str, float] = {}
     for name, (x, y) in splits.items():
@@ -209,3 +271,40 @@ def _pca_figures(model: PCA, x: np.ndarray, y: np.ndarray, table: Any, output_di
     figure.tight_layout()
     figure.savefig(output_dir / "pca.png", dpi=100)
     plt.close(figure)
+
+
+def _fit_and_test_anomaly(
+    model: GaussianAnomaly, splits: dict[str, tuple[np.ndarray, np.ndarray]], table: Any, output_dir: Path
+) -> dict[str, float]:
+    """Fit on the normal training rows, choose ε on the labelled validation rows, report precision/recall/F1."""
+    import io
+
+    import torch
+    from sklearn import metrics as skm
+
+    from zoo.records import atomic_write_bytes
+
+    if table.classes != ["normal", "anomaly"]:
+        raise UserError(
+            "data.normal_class: the Gaussian anomaly model needs anomaly labels; name the normal class of a labelled "
+            "table, e.g. data.normal_class=0 (or a binary target with 1 = anomaly and model.epsilon=<log density>)"
+        )
+    x_train, y_train = (np.nan_to_num(part, nan=0.0) for part in splits["train"])
+    model.fit(x_train[y_train == 0])
+    if model.epsilon == "auto":
+        if "val" not in splits or not splits["val"][1].any():
+            raise UserError("model.epsilon: auto needs anomalies among the validation rows; raise data.val_fraction")
+        model.choose_epsilon(np.nan_to_num(splits["val"][0], nan=0.0), splits["val"][1])
+    metrics: dict[str, float] = {"train/log_epsilon": model.log_epsilon}
+    for name, (x, y) in splits.items():
+        predicted = model.predict(np.nan_to_num(x, nan=0.0))
+        metrics[f"{name}/precision"] = float(skm.precision_score(y, predicted, zero_division=0))
+        metrics[f"{name}/recall"] = float(skm.recall_score(y, predicted, zero_division=0))
+        metrics[f"{name}/f1"] = float(skm.f1_score(y, predicted, zero_division=0))
+        metrics[f"{name}/anomaly_share"] = float(np.mean(y))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    tensors = {"mean": model.mean.cpu(), "precision": model.precision.cpu(), "log_epsilon": model.log_epsilon}
+    torch.save(tensors, buffer)
+    atomic_write_bytes(output_dir / "model.pt", buffer.getvalue())
+    return metrics

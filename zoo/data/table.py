@@ -63,6 +63,8 @@ class Table:
         split_seed: int = 0,
         folds: int = 1,
         fold: int = 0,
+        normal_class: Any = None,
+        anomaly_share: float = 0.05,
     ) -> None:
         if dataset not in DATASETS:
             raise UserError(f"data.dataset: unknown '{dataset}'; allowed: {', '.join(DATASETS)}")
@@ -82,6 +84,9 @@ class Table:
         self.categorical, self.drop = _names(categorical), _names(drop)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.folds, self.fold = folds, fold
+        if normal_class is not None and not 0 < anomaly_share < 1:
+            raise UserError(f"data.anomaly_share: expected a number in (0, 1), got {anomaly_share!r}")
+        self.normal_class, self.anomaly_share = normal_class, anomaly_share
 
     @functools.cached_property
     def _content(self) -> tuple[pd.DataFrame, np.ndarray, str, list[Any]]:
@@ -92,11 +97,27 @@ class Table:
             features, target = features[keep].reset_index(drop=True), target[keep].reset_index(drop=True)
         if len(target) == 0:
             raise UserError(f"data.target: the column '{target.name}' has no values")
+        if self.normal_class is not None:
+            return self._anomaly_table(features, target)
         if known_task and self.requested_task not in ("auto", known_task):
             raise UserError(f"data.task: the {self.dataset} table is a {known_task} task, got '{self.requested_task}'")
         task = known_task or (self.requested_task if self.requested_task != "auto" else infer_task(target))
         y, classes = _encode_target(target, task)
         return self._features(features), y, task, classes
+
+    def _anomaly_table(self, features: pd.DataFrame, target: pd.Series) -> tuple[pd.DataFrame, np.ndarray, str, list]:
+        """An anomaly-detection table from a labelled one: every row of `normal_class`, and rows of the other classes
+        drawn at random (seeded by split_seed) until they are `anomaly_share` of the rows; target 1 = anomaly."""
+        values = target.astype(str).to_numpy()
+        normal = values == str(self.normal_class)
+        if not normal.any():
+            raise UserError(f"data.normal_class: no row has the label {self.normal_class!r}")
+        others = np.flatnonzero(~normal)
+        wanted = round(self.anomaly_share / (1 - self.anomaly_share) * int(normal.sum()))
+        chosen = np.random.default_rng(self.split_seed).choice(others, size=min(wanted, len(others)), replace=False)
+        keep = np.sort(np.concatenate([np.flatnonzero(normal), chosen]))
+        y = (~normal[keep]).astype(np.int64)
+        return self._features(features.iloc[keep].reset_index(drop=True)), y, "binary", ["normal", "anomaly"]
 
     @property
     def x(self) -> pd.DataFrame:
@@ -293,6 +314,8 @@ TABLE_KEYS = (
     "split_seed",
     "folds",
     "fold",
+    "normal_class",
+    "anomaly_share",
 )
 
 

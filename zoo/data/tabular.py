@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from zoo.data.table import Table
@@ -36,9 +38,23 @@ class TabularDataModule(TensorDataModule):
         folds: int = 1,
         fold: int = 0,
         data_dir: str = "data",
+        normal_class: Any = None,
+        anomaly_share: float = 0.05,
     ) -> None:
         self.table = Table(
-            dataset, path, target, task, categorical, drop, val_fraction, test_fraction, split_seed, folds, fold
+            dataset,
+            path,
+            target,
+            task,
+            categorical,
+            drop,
+            val_fraction,
+            test_fraction,
+            split_seed,
+            folds,
+            fold,
+            normal_class=normal_class,
+            anomaly_share=anomaly_share,
         )
         if input_shape is None or num_classes is None:
             table = self.table
