@@ -104,3 +104,17 @@ def test_anomaly_model_without_anomaly_labels_is_one_line(train_config) -> None:
         train(cfg)
     with pytest.raises(UserError, match=r"^data.normal_class: no row has the label 'x'"):
         train(train_config("experiment=anomaly_digits", "data.normal_class=x", folder="x"))
+
+
+def test_elbow_curve_falls_with_k_and_is_drawn(tmp_path: Path, monkeypatch) -> None:
+    from zoo.curves import elbow, main, parse_ks
+
+    assert parse_ks("[2,5]") == [2, 3, 4, 5] and parse_ks("[2,4,8]") == [2, 4, 8]
+    monkeypatch.chdir(tmp_path)
+    results = elbow(["experiment=kmeans_digits", "ks=[2,4,8]", "model.n_init=2"])
+    inertias = [results[k][0] for k in (2, 4, 8)]
+    assert inertias[0] > inertias[1] > inertias[2]
+    (plot,) = (tmp_path / "logs" / "kmeans_digits" / "curves").glob("*/elbow.png")
+    assert plot.stat().st_size > 5_000
+    assert main(["elbow", "experiment=kmeans_digits", "ks=[0]"]) == 2
+    assert main(["elbow", "model=pca", "ks=[2,3]"]) == 2
