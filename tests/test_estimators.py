@@ -107,3 +107,14 @@ def test_bad_settings_are_one_line_naming_the_key(train_config, tmp_path: Path) 
     with pytest.raises(UserError, match=r"^model: random_forest refused its settings: .*n_estimators.*-1"):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "model.skops").exists()
+
+
+def test_a_tree_run_draws_its_tree_and_importances_in_tensorboard(train_config) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train_config("experiment=tree_wine", "model.ccp_alpha=0.02")
+    train(cfg)
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    assert {"tree", "feature_importance/model"} <= set(events.Tags()["images"])
+    assert "test/acc" in events.Tags()["scalars"]
