@@ -271,3 +271,16 @@ class LayerSummary(ModelSummary):
             totals.append((get_human_readable_count(total_flops), "Total FLOPs"))
         rows += [f"{value:<10} {label}" for value, label in totals]
         _summary_log.info("\n" + "\n".join(rows))
+
+
+class FrozenNormsInEval(Callback):
+    """Keeps frozen batch-norm layers in eval mode, so their running statistics stay those they were loaded with
+    (Lightning puts the whole model back in train mode at every epoch and after every validation)."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.modules = modules
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        for module in self.modules:
+            if module.training:
+                module.eval()

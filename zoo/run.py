@@ -122,7 +122,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, _fine_tuning(cfg, model))
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
@@ -271,6 +271,25 @@ def _run_eval_mode(cfg: DictConfig, model: Any, ckpt_path: Path, mode: str) -> d
     model.load_state_dict(load_lightning_checkpoint(ckpt_path)["state_dict"])
     model.eval()
     return model.run_eval_mode(mode, cfg) or {}
+
+
+def _fine_tuning(cfg: DictConfig, model: Any) -> tuple[Any, ...]:
+    """`init_from` (weights of another run, nothing else) and `freeze` (parameter patterns); the callbacks they need."""
+    from zoo import finetune
+
+    source, patterns = cfg.get("init_from"), list(cfg.get("freeze") or [])
+    if source and cfg.get("ckpt_path"):
+        raise UserError("init_from: a new run starts from weights, ckpt_path resumes a run; give one of them")
+    if source:
+        report = finetune.init_from(model, str(source))
+        print(f"init_from {source}: {finetune.describe(report)}")
+    if not patterns:
+        return ()
+    from zoo.callbacks import FrozenNormsInEval
+
+    finetune.freeze(model, patterns)
+    norms = finetune.frozen_norms(model)
+    return (FrozenNormsInEval(norms),) if norms else ()
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = (), **kwargs: Any) -> Any:
