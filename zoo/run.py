@@ -248,6 +248,10 @@ def _check_eval_keys(cfg: DictConfig) -> None:
     temperature = cfg.get("temperature", 0.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
         raise UserError(f"temperature: expected a number >= 0, got {temperature!r}")
+    for key in ("word", "a", "b", "c"):  # word2vec's words; whether the model knows them is the model's to say
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            raise UserError(f"{key}: expected a word, got {value!r}")
 
 
 def _swap_scorer(run_cfg: DictConfig, scorer_path: str, ckpt_path: Path) -> None:
