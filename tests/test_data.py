@@ -94,3 +94,17 @@ def test_shift_moves_content_and_keeps_shape() -> None:
     signal = torch.zeros(32, 1, 10)
     signal[:, :, 5] = 1.0
     assert BatchAugment(shift=1)(signal).argmax(-1).unique().tolist() != [5]
+
+
+def test_train_fraction_keeps_a_stratified_share_and_the_same_val_and_test() -> None:
+    whole = DigitsDataModule(input_shape=[1, 8, 8], num_classes=10)
+    part = DigitsDataModule(input_shape=[1, 8, 8], num_classes=10, train_fraction=0.25)
+    whole.setup()
+    part.setup()
+    assert abs(len(part.splits["train"][1]) - 0.25 * len(whole.splits["train"][1])) <= 1
+    assert torch.equal(part.splits["val"][0], whole.splits["val"][0])
+    assert torch.equal(part.splits["test"][0], whole.splits["test"][0])
+    counts = torch.bincount(part.splits["train"][1], minlength=10)
+    assert counts.min() >= 0.8 * counts.max()  # every class keeps its share
+    with pytest.raises(UserError, match=r"^data.train_fraction: expected a number in \(0, 1\], got 0"):
+        DigitsDataModule(input_shape=[1, 8, 8], num_classes=10, train_fraction=0)

@@ -118,3 +118,29 @@ def test_elbow_curve_falls_with_k_and_is_drawn(tmp_path: Path, monkeypatch) -> N
     assert plot.stat().st_size > 5_000
     assert main(["elbow", "experiment=kmeans_digits", "ks=[0]"]) == 2
     assert main(["elbow", "model=pca", "ks=[2,3]"]) == 2
+
+
+def test_learning_curve_over_training_shares_and_seeds(tmp_path: Path, monkeypatch) -> None:
+    from zoo.curves import learning, main
+
+    monkeypatch.chdir(tmp_path)
+    results = learning(["experiment=rf_digits", "model.n_estimators=20", "sizes=[0.2,1.0]", "seeds=2"])
+    small, full = results[0.2], results[1.0]
+    assert small["rows"][0] < 0.25 * full["rows"][0] and len(full["val"]) == 2
+    assert np.mean(full["val"]) > np.mean(small["val"])  # more data, better validation accuracy
+    (plot,) = (tmp_path / "logs" / "rf_digits" / "curves").glob("*/learning.png")
+    assert plot.stat().st_size > 5_000
+    assert main(["learning", "experiment=rf_digits", "sizes=[0,1]"]) == 2
+    assert main(["learning", "experiment=rf_digits", "sizes=[1.0]", "seeds=1", "metric=bleu"]) == 2
+
+
+def test_the_diagnosis_names_bias_and_variance() -> None:
+    from zoo.curves import diagnose
+
+    def curve(train: list[float], val: list[float]) -> dict[float, dict[str, list[float]]]:
+        return {size: {"rows": [size * 100], "train": [t], "val": [v]} for size, t, v in zip((0.1, 1.0), train, val)}
+
+    assert diagnose(curve([1.0, 0.99], [0.6, 0.8])).startswith("high variance")
+    assert "closes as data grows" in diagnose(curve([1.0, 0.99], [0.6, 0.8]))
+    assert diagnose(curve([0.62, 0.6], [0.6, 0.59])).startswith("high bias")
+    assert diagnose(curve([0.99, 0.99], [0.97, 0.985])).startswith("neither")

@@ -65,6 +65,7 @@ class Table:
         fold: int = 0,
         normal_class: Any = None,
         anomaly_share: float = 0.05,
+        train_fraction: float = 1.0,
     ) -> None:
         if dataset not in DATASETS:
             raise UserError(f"data.dataset: unknown '{dataset}'; allowed: {', '.join(DATASETS)}")
@@ -87,6 +88,10 @@ class Table:
         if normal_class is not None and not 0 < anomaly_share < 1:
             raise UserError(f"data.anomaly_share: expected a number in (0, 1), got {anomaly_share!r}")
         self.normal_class, self.anomaly_share = normal_class, anomaly_share
+        share = train_fraction
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise UserError(f"data.train_fraction: expected a number in (0, 1], got {train_fraction!r}")
+        self.train_fraction = float(train_fraction)
 
     @functools.cached_property
     def _content(self) -> tuple[pd.DataFrame, np.ndarray, str, list[Any]]:
@@ -154,6 +159,8 @@ class Table:
         else:
             pool, test = _cut(np.arange(len(y)), y, self.test_fraction, seed, stratify)
         train, val = _cut(np.arange(len(pool)), y[pool], self.val_fraction, seed, stratify)
+        if self.train_fraction < 1:  # learning curves: a share of the training rows, the same val and test
+            train, _ = _cut(train, y[pool][train], 1 - self.train_fraction, seed, stratify)
         return {"train": pool[train], "val": pool[val], "test": test}
 
     def splits(self) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
@@ -316,6 +323,7 @@ TABLE_KEYS = (
     "fold",
     "normal_class",
     "anomaly_share",
+    "train_fraction",
 )
 
 

@@ -40,6 +40,7 @@ class TabularDataModule(TensorDataModule):
         data_dir: str = "data",
         normal_class: Any = None,
         anomaly_share: float = 0.05,
+        train_fraction: float = 1.0,
     ) -> None:
         self.table = Table(
             dataset,
@@ -55,6 +56,7 @@ class TabularDataModule(TensorDataModule):
             fold,
             normal_class=normal_class,
             anomaly_share=anomaly_share,
+            train_fraction=train_fraction,
         )
         if input_shape is None or num_classes is None:
             table = self.table
@@ -76,6 +78,7 @@ class TabularDataModule(TensorDataModule):
             folds=folds,
             fold=fold,
             data_dir=data_dir,
+            train_fraction=train_fraction,
         )
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None

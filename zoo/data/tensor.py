@@ -130,6 +130,18 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
     return [np.sort(rest), *parts]
 
 
+def stratified_share(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` positions of `labels` with their class proportions, fixed by (seed, size)."""
+    from sklearn.model_selection import train_test_split
+
+    if size >= len(labels):
+        return np.arange(len(labels))
+    _, _, kept, _ = train_test_split(
+        labels, np.arange(len(labels)), train_size=size, random_state=seed, stratify=labels
+    )
+    return kept
+
+
 class TensorDataModule(InMemoryDataModule):
     """Base for in-memory classification data: subclasses return arrays, this class splits and batches.
 
@@ -154,9 +166,17 @@ class TensorDataModule(InMemoryDataModule):
         folds: int = 1,
         fold: int = 0,
         data_dir: str = "data",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         check_split_fractions(val_fraction, test_fraction)
+        if (
+            isinstance(train_fraction, bool)
+            or not isinstance(train_fraction, int | float)
+            or not 0 < train_fraction <= 1
+        ):
+            raise UserError(f"data.train_fraction: expected a number in (0, 1], got {train_fraction!r}")
+        self.train_fraction = float(train_fraction)
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if not 0 <= fold < max(folds, 1):
@@ -192,6 +212,9 @@ class TensorDataModule(InMemoryDataModule):
             pool, test = stratified_split(y, [self.test_fraction], self.split_seed)
             x_test, y_test, x, y = x[test], y[test], x[pool], y[pool]
         train, val = stratified_split(y, [self.val_fraction], self.split_seed)
+        if self.train_fraction < 1:  # learning curves: a stratified share of the training rows, the same val and test
+            kept = max(self.num_classes, round(self.train_fraction * len(train)))
+            train = np.sort(train[stratified_share(y[train], kept, self.split_seed)])
         for name, (xs, ys) in {
             "train": (x[train], y[train]),
             "val": (x[val], y[val]),
