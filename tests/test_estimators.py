@@ -118,3 +118,27 @@ def test_a_tree_run_draws_its_tree_and_importances_in_tensorboard(train_config) 
     events.Reload()
     assert {"tree", "feature_importance/model"} <= set(events.Tags()["images"])
     assert "test/acc" in events.Tags()["scalars"]
+
+
+def test_pca_components_replace_the_columns_for_estimators_and_networks(train_config, tmp_path: Path) -> None:
+    import torch
+
+    from zoo.data.tabular import TabularDataModule
+
+    cfg = train_config("model=svm", "data=digits_flat", "data.pca_components=12", folder="svm_pca")
+    train(cfg)
+    fitted = estimators.load(Path(cfg.paths.output_dir) / "model.skops")
+    assert fitted.named_steps["pca"].n_components_ == 12
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["test/acc"] > 0.9
+
+    data = TabularDataModule(dataset="breast_cancer", input_shape=[5], num_classes=2, pca_components=5)
+    data.setup()
+    x = data.splits["train"][0]
+    assert x.shape[1] == 5 and data.splits["test"][0].shape[1] == 5
+    variances = x.var(dim=0)
+    assert torch.all(variances[:-1] >= variances[1:])  # principal components, largest variance first
+    with pytest.raises(UserError, match=r"^data.pca_components: expected null or an integer in \[1, 30\], got 31"):
+        TabularDataModule(dataset="breast_cancer", input_shape=[31], num_classes=2, pca_components=31).setup()
+    xgb = train_config("experiment=xgb_wine", "data.pca_components=3", folder="xgb_pca")
+    with pytest.raises(UserError, match=r"^data.pca_components: XGBoost reads the table's own columns"):
+        train(xgb)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from zoo.data.table import pca_components
 from zoo.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ class Estimator:
             raise UserError(f"model: {self.kind} needs {need}, and data.task is {task}; use model={other}")
         return _sklearn_class(path)
 
-    def pipeline(self, task: str, seed: int, ccp_alpha: float | None = None) -> Any:
-        """Impute, standardize where the kind needs it, then the estimator with the config's arguments."""
+    def pipeline(self, task: str, seed: int, ccp_alpha: float | None = None, pca_components: int | None = None) -> Any:
+        """Impute, standardize where the kind needs it (or before a PCA), then the estimator with its arguments."""
+        from sklearn.decomposition import PCA
         from sklearn.impute import SimpleImputer
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
@@ -104,8 +106,10 @@ class Estimator:
             if self.final is not None and "final_estimator" in accepted:
                 params["final_estimator"] = self.final.pipeline(task, seed)
         steps: list[tuple[str, Any]] = [("impute", SimpleImputer(strategy="mean", keep_empty_features=True))]
-        if self.kind in SCALED:
+        if self.kind in SCALED or pca_components:
             steps.append(("scale", StandardScaler()))
+        if pca_components:
+            steps.append(("pca", PCA(n_components=pca_components, random_state=seed)))
         # SVC's probability: Platt scaling (a sigmoid on the margin) fitted by internal CV, which scikit-learn now
         # offers as a wrapper instead of the deprecated SVC(probability=True)
         calibrated = self.kind == "svm" and params.pop("probability", False)
@@ -145,10 +149,11 @@ def fit_and_test(cfg: Any, output_dir: Path, model: Estimator, table: Any) -> tu
     seed = int(cfg.seed)
     metrics: dict[str, float] = {}
     ccp_alpha = None
+    components = pca_components(cfg.data, x_train.shape[1])
     if model.auto_pruning:
-        ccp_alpha = choose_ccp_alpha(model, table.task, x_train, y_train, seed)
+        ccp_alpha = choose_ccp_alpha(model, table.task, x_train, y_train, seed, components=components)
         metrics["train/ccp_alpha"] = ccp_alpha
-    fitted = model.pipeline(table.task, seed, ccp_alpha)
+    fitted = model.pipeline(table.task, seed, ccp_alpha, components)
     try:
         fitted.fit(x_train, y_train)
     except ValueError as error:  # scikit-learn's parameter check names the argument
@@ -171,12 +176,14 @@ def outputs(fitted: Any, task: str, x: np.ndarray) -> np.ndarray:
     return proba[:, 1] if task == "binary" else proba
 
 
-def choose_ccp_alpha(model: Estimator, task: str, x: np.ndarray, y: np.ndarray, seed: int, folds: int = 5) -> float:
+def choose_ccp_alpha(
+    model: Estimator, task: str, x: np.ndarray, y: np.ndarray, seed: int, folds: int = 5, components: int | None = None
+) -> float:
     """Cost-complexity pruning strength by `folds`-fold CV on the training split along the tree's pruning path
     (Breiman et al. 1984): the alpha with the best mean score, the largest (simplest tree) among ties."""
     from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
 
-    grown = model.pipeline(task, seed, ccp_alpha=0.0)
+    grown = model.pipeline(task, seed, ccp_alpha=0.0, pca_components=components)
     grown[:-1].fit(x, y)
     path = grown[-1].cost_complexity_pruning_path(grown[:-1].transform(x), y)
     alphas = np.unique(np.clip(path.ccp_alphas[:-1], 0.0, None))  # the last alpha prunes to the root

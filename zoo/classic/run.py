@@ -63,6 +63,15 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     table = table_from_config(cfg.data)
     if isinstance(model, Estimator):
         return _fit_and_test_estimator(cfg, output_dir, model, table)
+    if cfg.data.get("pca_components") is not None:
+        kind = (
+            "XGBoost reads the table's own columns"
+            if isinstance(model, XGBoostModel)
+            else "this model fits the columns"
+        )
+        raise UserError(
+            f"data.pca_components: {kind}; allowed: null (scikit-learn estimators and neural models take it)"
+        )
     if isinstance(model, KMeans | PCA | GaussianAnomaly):
         return _fit_and_test_unsupervised(cfg, output_dir, model, table)
     splits = table.splits()

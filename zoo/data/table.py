@@ -337,3 +337,13 @@ def table_from_config(data: Any) -> Table:
         raise UserError(f"data: boosted trees need a table, not '{target.rsplit('.', 1)[-1]}'; allowed: {options}")
     values = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else dict(data)
     return Table(**{key: values[key] for key in TABLE_KEYS if key in values})
+
+
+def pca_components(data: Any, width: int) -> int | None:
+    """`data.pca_components`: null, or how many principal components of the standardized columns replace them."""
+    value = data.get("pca_components") if hasattr(data, "get") else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= width:
+        raise UserError(f"data.pca_components: expected null or an integer in [1, {width}], got {value!r}")
+    return value

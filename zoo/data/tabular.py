@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from zoo.data.table import Table
+from zoo.data.table import Table, pca_components
 from zoo.data.tensor import TensorDataModule
 from zoo.errors import UserError
 
@@ -41,6 +41,7 @@ class TabularDataModule(TensorDataModule):
         normal_class: Any = None,
         anomaly_share: float = 0.05,
         train_fraction: float = 1.0,
+        pca_components: int | None = None,
     ) -> None:
         self.table = Table(
             dataset,
@@ -58,12 +59,14 @@ class TabularDataModule(TensorDataModule):
             anomaly_share=anomaly_share,
             train_fraction=train_fraction,
         )
+        self.pca_components = pca_components
+        width = self.table.encoded_width if pca_components is None else pca_components
         if input_shape is None or num_classes is None:
             table = self.table
             if table.task == "regression":
                 raise UserError("data.task: neural models here are classifiers; a regression table needs XGBoost")
             raise UserError(
-                f"data.input_shape: set data.input_shape=[{table.encoded_width}] "
+                f"data.input_shape: set data.input_shape=[{width}] "
                 f"data.num_classes={table.num_classes} for a neural model on this table"
             )
         super().__init__(
@@ -91,10 +94,13 @@ class TabularDataModule(TensorDataModule):
             raise UserError("data.task: neural models here are classifiers; a regression table needs XGBoost")
         if table.num_classes != self.num_classes:
             raise UserError(f"data.num_classes is {self.num_classes} but the target has {table.num_classes} classes")
-        if (table.encoded_width,) != self.input_shape:
+        components = pca_components({"pca_components": self.pca_components}, table.encoded_width)
+        width = components or table.encoded_width
+        if (width,) != self.input_shape:
+            what = f"{components} principal components" if components else f"the encoded table's {width} columns"
             raise UserError(
-                f"data.input_shape is {list(self.input_shape)} but the encoded table has {table.encoded_width} "
-                f"columns; set data.input_shape=[{table.encoded_width}]"
+                f"data.input_shape is {list(self.input_shape)} but the model gets {what}; "
+                f"set data.input_shape=[{width}]"
             )
         raw = {
             name: (torch.as_tensor(table.encoded(x)), torch.as_tensor(y, dtype=torch.long))
@@ -106,3 +112,8 @@ class TabularDataModule(TensorDataModule):
         self.std = torch.where(spread > 0, spread, torch.ones_like(spread))
         for name, (x, y) in raw.items():
             self.splits[name] = (((x - self.mean) / self.std).nan_to_num(0.0), y)
+        if components:  # the training split's principal directions of the standardized columns
+            _, _, directions = torch.linalg.svd(self.splits["train"][0].double(), full_matrices=False)
+            self.projection = directions[:components].T.float()
+            for name, (x, y) in self.splits.items():
+                self.splits[name] = (x @ self.projection, y)
