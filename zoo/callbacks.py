@@ -284,3 +284,21 @@ class FrozenNormsInEval(Callback):
         for module in self.modules:
             if module.training:
                 module.eval()
+
+
+class GradNorm(Callback):
+    """`train/grad_norm`: the global L2 norm of the gradients before clipping, at the loggers' cadence.
+
+    Exploding gradients (recurrent nets) show here first, and the clipping threshold is read from it. A non-finite
+    norm is left out: under 16-mixed it is an overflow step that the grad scaler skips. Tasks that step their own
+    optimizers (GANs, DQN) log what they need themselves.
+    """
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if not pl_module.automatic_optimization or not logs_this_step(trainer):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if bool(torch.isfinite(norm)):
+                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -314,21 +315,29 @@ class Seq2SeqTransformer(nn.Module):
         memory, memory_padding = self.encode(src)
         return self.decode(tgt_in, memory, memory_padding)
 
+    def begin_decoding(self, src: torch.Tensor, beams: int = 1) -> tuple[Any, ...]:
+        """The decoding state of `greedy_decode` / `beam_decode`: the encoded source (one copy per beam), KV caches."""
+        memory, memory_padding = self.encode(src)
+        if beams > 1:
+            memory = memory.repeat_interleave(beams, dim=0)
+            memory_padding = memory_padding.repeat_interleave(beams, dim=0)
+        return memory, memory_padding, [KVCache() for _ in self.decoder]
+
+    def decode_step(self, tokens: torch.Tensor, state: tuple[Any, ...]) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        """Logits (N, vocab) of the token after `tokens` (N,), feeding only the newest token through the caches."""
+        memory, memory_padding, caches = state
+        return self.decode(tokens[:, None], memory, memory_padding, caches)[:, -1], state
+
+    def reorder_decoding(self, state: tuple[Any, ...], index: torch.Tensor) -> tuple[Any, ...]:
+        """The state of the beams `index` (the encoded source is the same within a row, so only the caches move)."""
+        for cache in state[2]:
+            cache.reorder(index)
+        return state
+
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int) -> torch.Tensor:
         """The most likely token at each step, with a KV cache; rows that ended are padded with pad_id."""
-        memory, memory_padding = self.encode(src)
-        caches = [KVCache() for _ in self.decoder]
-        out = torch.full((len(src), 1), bos_id, dtype=torch.long, device=src.device)
-        done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
-        for _ in range(max_len - 1):
-            token = self.decode(out[:, -1:], memory, memory_padding, caches)[:, -1].argmax(dim=-1)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
-            out = torch.cat([out, token[:, None]], dim=1)
-            done |= token == eos_id
-            if done.all():
-                break
-        return out
+        return greedy_decode(self, src, bos_id, eos_id, max_len, self.pad_id)
 
     @torch.no_grad()
     def beam_search(
@@ -340,45 +349,79 @@ class Seq2SeqTransformer(nn.Module):
         beam_size: int = 4,
         length_penalty: float = 0.0,
     ) -> torch.Tensor:
-        """Keep the `beam_size` most likely prefixes; return the best finished one per row.
+        """Beam search (`beam_decode`) with a KV cache per beam."""
+        return beam_decode(self, src, bos_id, eos_id, max_len, self.pad_id, beam_size, length_penalty)
 
-        Scores are summed log-probabilities divided by length ** length_penalty (0: none; Wu et al. 2016 use
-        0.6-1.0 for translation). A finished beam keeps its score and only extends with padding.
-        """
-        batch, device = len(src), src.device
-        memory, memory_padding = self.encode(src)
-        memory = memory.repeat_interleave(beam_size, dim=0)
-        memory_padding = memory_padding.repeat_interleave(beam_size, dim=0)
-        caches = [KVCache() for _ in self.decoder]
-        out = torch.full((batch * beam_size, 1), bos_id, dtype=torch.long, device=device)
-        # only the first beam of each row is live at the start, so the k beams do not all copy one prefix
-        scores = torch.full((batch, beam_size), -math.inf, device=device)
-        scores[:, 0] = 0.0
-        scores = scores.view(-1)
-        done = torch.zeros(batch * beam_size, dtype=torch.bool, device=device)
-        lengths = torch.ones(batch * beam_size, device=device)
-        for _ in range(max_len - 1):
-            logprobs = F.log_softmax(self.decode(out[:, -1:], memory, memory_padding, caches)[:, -1].float(), dim=-1)
-            vocab = logprobs.shape[-1]
-            # a finished beam continues only with pad, at no cost
-            finished = torch.full_like(logprobs, -math.inf)
-            finished[:, self.pad_id] = 0.0
-            logprobs = torch.where(done[:, None], finished, logprobs)
-            candidates = (scores[:, None] + logprobs).view(batch, beam_size * vocab)
-            new_lengths = (lengths[:, None] + (~done[:, None]).float()).expand(-1, vocab).reshape(batch, -1)
-            ranked = candidates / new_lengths**length_penalty if length_penalty else candidates
-            top = ranked.topk(beam_size, dim=-1).indices
-            beam, token = top // vocab, top % vocab
-            origin = (beam + torch.arange(batch, device=device)[:, None] * beam_size).view(-1)
-            scores = candidates.gather(1, top).view(-1)
-            lengths = new_lengths.gather(1, top).view(-1)
-            for cache in caches:
-                cache.reorder(origin)
-            out = torch.cat([out[origin], token.view(-1, 1)], dim=1)
-            done = done[origin] | (token.view(-1) == eos_id)
-            if done.all():
-                break
-        final = scores / lengths**length_penalty if length_penalty else scores
-        final = torch.where(done, final, final - 1e9)  # prefer beams that reached the end token
-        best = final.view(batch, beam_size).argmax(dim=-1) + torch.arange(batch, device=device) * beam_size
-        return out[best]
+
+@torch.no_grad()
+def greedy_decode(net: Any, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int, pad_id: int) -> torch.Tensor:
+    """The most likely token at each step; rows that ended are padded with pad_id.
+
+    Shared by every encoder-decoder: `net` provides begin_decoding(src, beams), decode_step(tokens, state) and
+    reorder_decoding(state, index), so that each step feeds only the newest token (KV cache or recurrent state).
+    """
+    state = net.begin_decoding(src)
+    out = torch.full((len(src), 1), bos_id, dtype=torch.long, device=src.device)
+    done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
+    for _ in range(max_len - 1):
+        logits, state = net.decode_step(out[:, -1], state)
+        token = logits.argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        out = torch.cat([out, token[:, None]], dim=1)
+        done |= token == eos_id
+        if done.all():
+            break
+    return out
+
+
+@torch.no_grad()
+def beam_decode(
+    net: Any,
+    src: torch.Tensor,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    pad_id: int,
+    beam_size: int = 4,
+    length_penalty: float = 0.0,
+) -> torch.Tensor:
+    """Keep the `beam_size` most likely prefixes; return the best finished one per row.
+
+    Scores are summed log-probabilities divided by length ** length_penalty (0: none; Wu et al. 2016 use
+    0.6-1.0 for translation). A finished beam keeps its score and only extends with padding. `net` provides the
+    same three methods as for `greedy_decode`.
+    """
+    batch, device = len(src), src.device
+    state = net.begin_decoding(src, beam_size)
+    out = torch.full((batch * beam_size, 1), bos_id, dtype=torch.long, device=device)
+    # only the first beam of each row is live at the start, so the k beams do not all copy one prefix
+    scores = torch.full((batch, beam_size), -math.inf, device=device)
+    scores[:, 0] = 0.0
+    scores = scores.view(-1)
+    done = torch.zeros(batch * beam_size, dtype=torch.bool, device=device)
+    lengths = torch.ones(batch * beam_size, device=device)
+    for _ in range(max_len - 1):
+        logits, state = net.decode_step(out[:, -1], state)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        vocab = logprobs.shape[-1]
+        # a finished beam continues only with pad, at no cost
+        finished = torch.full_like(logprobs, -math.inf)
+        finished[:, pad_id] = 0.0
+        logprobs = torch.where(done[:, None], finished, logprobs)
+        candidates = (scores[:, None] + logprobs).view(batch, beam_size * vocab)
+        new_lengths = (lengths[:, None] + (~done[:, None]).float()).expand(-1, vocab).reshape(batch, -1)
+        ranked = candidates / new_lengths**length_penalty if length_penalty else candidates
+        top = ranked.topk(beam_size, dim=-1).indices
+        beam, token = top // vocab, top % vocab
+        origin = (beam + torch.arange(batch, device=device)[:, None] * beam_size).view(-1)
+        scores = candidates.gather(1, top).view(-1)
+        lengths = new_lengths.gather(1, top).view(-1)
+        state = net.reorder_decoding(state, origin)
+        out = torch.cat([out[origin], token.view(-1, 1)], dim=1)
+        done = done[origin] | (token.view(-1) == eos_id)
+        if done.all():
+            break
+    final = scores / lengths**length_penalty if length_penalty else scores
+    final = torch.where(done, final, final - 1e9)  # prefer beams that reached the end token
+    best = final.view(batch, beam_size).argmax(dim=-1) + torch.arange(batch, device=device) * beam_size
+    return out[best]

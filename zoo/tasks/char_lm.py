@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class CharLMTask(L.LightningModule):
-    """Trains a decoder-only network (zoo.nn.transformer.DecoderLM) on the windows of a CharTextDataModule.
+    """Trains a language model (zoo.nn.transformer.DecoderLM, zoo.nn.rnn.RNNLanguageModel) on a CharTextDataModule.
 
     Logs `train/loss`, `val/loss`, `val/bpc` (loss / ln 2), `val/ppl` (exp loss), `val/ppl_best`, `test/*`,
     and after every validation a sampled continuation to TensorBoard's text tab. The vocabulary is a buffer
@@ -43,11 +43,18 @@ class CharLMTask(L.LightningModule):
         sample_tokens: int = 200,
         sample_temperature: float = 0.8,
         sample_top_k: int | None = None,
+        tbptt_steps: int | None = None,
     ) -> None:
         super().__init__()
         if not hasattr(data, "vocab"):
             raise UserError(f"model: a language model needs text data, data=char_text, not {type(data).__name__}")
         self.net = net if isinstance(net, nn.Module) else net(vocab_size=data.vocab_size, block_size=data.block_size)
+        if tbptt_steps is not None and (tbptt_steps < 1 or not hasattr(self.net, "forward_state")):
+            raise UserError(
+                f"model.tbptt_steps: {tbptt_steps}; allowed: null, or an integer >= 1 with a recurrent net "
+                "(zoo.nn.rnn.RNNLanguageModel)"
+            )
+        self.tbptt_steps = tbptt_steps
         if getattr(self.net, "block_size", data.block_size) < data.block_size:
             raise UserError(
                 f"data.block_size: {data.block_size} is longer than the model's context {self.net.block_size}"
@@ -69,9 +76,27 @@ class CharLMTask(L.LightningModule):
 
     def _loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int]:
         windows = batch[0]
-        logits = self.net(windows[:, :-1])
         targets = windows[:, 1:]
+        if self.tbptt_steps is not None and self.training:
+            return self._truncated_loss(windows[:, :-1], targets), targets.numel()
+        logits = self.net(windows[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)), targets.numel()
+
+    def _truncated_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Truncated backpropagation through time (Williams & Peng 1990): the window runs in chunks of tbptt_steps.
+
+        The recurrent state carries forward from chunk to chunk but is detached at each boundary, so gradients
+        flow back at most tbptt_steps characters; the chunks' losses are summed into one update per batch.
+        """
+        state, total = None, inputs.new_zeros((), dtype=torch.float32)
+        for start in range(0, inputs.shape[1], self.tbptt_steps):
+            chunk = slice(start, start + self.tbptt_steps)
+            if state is not None:
+                state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+            logits, state = self.net.forward_state(inputs[:, chunk], state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[:, chunk].reshape(-1))
+            total = total + loss * targets[:, chunk].numel()
+        return total / targets.numel()
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
@@ -143,8 +168,8 @@ class CharLMTask(L.LightningModule):
         if not prompt:
             prompt = "\n" if "\n" in vocab.index else vocab.chars[0]
         ids = vocab.encode(prompt)
-        context = self.net.block_size
-        if len(ids) > context:
+        context = getattr(self.net, "block_size", None)  # a recurrent LM has no context limit
+        if context is not None and len(ids) > context:
             raise UserError(
                 f"prompt: {len(ids)} characters is longer than the model's context of {context}; "
                 f"allowed: at most {context} characters"

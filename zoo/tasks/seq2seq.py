@@ -22,7 +22,7 @@ SHOWN_EXAMPLES = 8
 
 
 class Seq2SeqTask(L.LightningModule):
-    """Trains an encoder-decoder (zoo.nn.transformer.Seq2SeqTransformer) on (source, <bos> target <eos>) pairs.
+    """Trains an encoder-decoder (transformer.Seq2SeqTransformer, rnn.Seq2SeqRNN) on (source, <bos> target <eos>) pairs.
 
     Training feeds the target shifted right (teacher forcing) and scores every next token, padding ignored.
     Validation decodes greedily: `val/exact_match` is the share of sequences decoded exactly up to <eos>,
