@@ -586,6 +586,7 @@ def test_torchmetrics_scores_without_local_weights_is_one_line(train_config) -> 
         train(cfg)
 
 
+@pytest.mark.slow  # the optional Inception backend; the domain scorer's tests run by default
 def test_torchmetrics_inception_scores_from_a_local_weights_file(train_config, tmp_path: Path, monkeypatch) -> None:
     """The Inception FID/IS path with a weights file the test writes (random weights: no download can happen)."""
     inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3", reason="needs torch-fidelity")
