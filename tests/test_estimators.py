@@ -13,7 +13,8 @@ from zoo.classic.estimators import Estimator
 from zoo.errors import UserError
 from zoo.run import evaluate, train
 
-KINDS = sorted(estimators.KINDS)
+# model=xgboost is XGBoost's own booster (tests/test_classic.py); its scikit-learn interface is an ensemble member
+KINDS = sorted(kind for kind in estimators.KINDS if kind != "xgboost")
 
 
 def test_an_entropy_tree_splits_by_the_textbook_information_gain() -> None:
@@ -142,3 +143,18 @@ def test_pca_components_replace_the_columns_for_estimators_and_networks(train_co
     xgb = train_config("experiment=xgb_wine", "data.pca_components=3", folder="xgb_pca")
     with pytest.raises(UserError, match=r"^data.pca_components: XGBoost reads the table's own columns"):
         train(xgb)
+
+
+def test_xgboost_joins_an_ensemble_and_its_file_loads(train_config, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "table.csv")
+    cfg = csv_config(train_config, path, "sick", "data.drop=[grade,level]", folder="xgb_member")
+    members = "model.members=[logistic_regression,{kind: xgboost, n_estimators: 30, n_jobs: 1}]"
+    cfg.model = compose_config("train", ["model=voting", members], tmp_path).model
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    fitted = estimators.load(run / "model.skops")
+    assert type(fitted[-1].estimators_[1][-1]).__name__ == "XGBClassifier"
+    logged = json.loads((run / "metrics.json").read_text())
+    eval_cfg = compose_config("eval", [f"ckpt_path={run / 'model.skops'}"], tmp_path)
+    eval_cfg.paths.output_dir = str(tmp_path / "eval_xgb_member")
+    assert evaluate(eval_cfg) == {k: v for k, v in logged.items() if k.startswith("test/")}

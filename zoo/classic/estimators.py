@@ -36,6 +36,8 @@ KINDS: dict[str, tuple[str, str | None]] = {
     "knn": ("neighbors.KNeighborsClassifier", "neighbors.KNeighborsRegressor"),
     "svm": ("svm.SVC", "svm.SVR"),
     "dummy": ("dummy.DummyClassifier", "dummy.DummyRegressor"),  # the floor: the majority class, or the mean
+    # XGBoost's scikit-learn interface, as a member of an ensemble (model=xgboost alone is the native booster)
+    "xgboost": ("xgboost.XGBClassifier", "xgboost.XGBRegressor"),
     "voting": ("ensemble.VotingClassifier", "ensemble.VotingRegressor"),
     "stacking": ("ensemble.StackingClassifier", "ensemble.StackingRegressor"),
 }
@@ -44,7 +46,7 @@ ENSEMBLES = ("voting", "stacking")
 # distances and margins depend on each column's scale; trees do not
 SCALED = {"logistic_regression", "linear_regression", "knn", "svm"}
 # the modules a saved pipeline may be built from (skops checks every type in the file against these)
-TRUSTED_PREFIXES = ("sklearn.", "numpy.", "builtins.", "scipy.sparse.")
+TRUSTED_PREFIXES = ("sklearn.", "numpy.", "builtins.", "scipy.sparse.", "xgboost.sklearn.XGB", "xgboost.core.Booster")
 MODEL_FILE = "model.skops"
 
 
@@ -68,7 +70,7 @@ class Estimator:
         allowed = set()
         for path in KINDS[kind]:
             if path:
-                allowed |= set(inspect.signature(_sklearn_class(path)).parameters)
+                allowed |= set(_parameters(_sklearn_class(path)))
         unknown = sorted(set(params) - allowed - {"estimators", "final_estimator"})
         if unknown:
             raise UserError(f"model.{unknown[0]}: not a setting of {kind}; allowed: {', '.join(sorted(allowed))}")
@@ -93,7 +95,7 @@ class Estimator:
         params = dict(self.params)
         if ccp_alpha is not None:
             params["ccp_alpha"] = ccp_alpha
-        accepted = inspect.signature(cls).parameters
+        accepted = _parameters(cls)
         # a key of the other estimator of the kind (SVC's probability) does not apply; null where the two defaults
         # differ (a forest's criterion) means this estimator's own default
         params = {
@@ -136,7 +138,8 @@ def member_estimator(spec: Any, key: str) -> Estimator:
         allowed = ", ".join(k for k in KINDS if k not in ENSEMBLES)
         raise UserError(f"{key}: unknown kind {kind!r}; allowed: {allowed}")
     configured = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{kind}.yaml").model)
-    settings = {k: v for k, v in configured.items() if k not in ("_target_", "kind")}
+    # an ensemble member has no validation split of its own to stop on: XGBoost runs its n_estimators rounds
+    settings = {k: v for k, v in configured.items() if k not in ("_target_", "kind", "early_stopping_rounds")}
     return Estimator(kind, **{**settings, **changes})
 
 
@@ -269,7 +272,16 @@ def _sklearn_class(path: str) -> type:
     import importlib
 
     module, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(f"sklearn.{module}"), name)
+    return getattr(importlib.import_module(module if module == "xgboost" else f"sklearn.{module}"), name)
+
+
+def _parameters(cls: type) -> Any:
+    """The constructor arguments; XGBoost's classifier and regressor take their shared ones as **kwargs."""
+    if cls.__module__.startswith("xgboost"):
+        import xgboost
+
+        return inspect.signature(xgboost.XGBModel).parameters
+    return inspect.signature(cls).parameters
 
 
 def _first_line(error: BaseException) -> str:
