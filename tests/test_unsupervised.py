@@ -109,7 +109,7 @@ def test_anomaly_model_without_anomaly_labels_is_one_line(train_config) -> None:
 def test_elbow_curve_falls_with_k_and_is_drawn(tmp_path: Path, monkeypatch) -> None:
     from zoo.curves import elbow, main, parse_ks
 
-    assert parse_ks("[2,5]") == [2, 3, 4, 5] and parse_ks("[2,4,8]") == [2, 4, 8]
+    assert parse_ks("[2,5]") == [2, 3, 4, 5] == parse_ks("[2..5]") and parse_ks("[2,4,8]") == [2, 4, 8]
     monkeypatch.chdir(tmp_path)
     results = elbow(["experiment=kmeans_digits", "ks=[2,4,8]", "model.n_init=2"])
     inertias = [results[k][0] for k in (2, 4, 8)]

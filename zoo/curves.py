@@ -6,8 +6,8 @@ with each seed, and draws the training and validation accuracy (`metric=acc`, or
 number of training rows, with mean ± std bands over the seeds (`learning.png`, also in TensorBoard), and a one-line
 diagnosis: high bias (both scores poor and close together) or high variance (a gap that closes as data grows).
 
-elbow: `python -m zoo.curves elbow experiment=kmeans_digits ks=[2,15]`: k-means inertia (and silhouette) of the
-training rows for each k in `ks` (a list, or [low, high] for every k between them), as a table and `elbow.png`.
+elbow: `python -m zoo.curves elbow experiment=kmeans_digits ks=[2..15]`: k-means inertia (and silhouette) of the
+training rows for each k in `ks` (a list, or [low..high] for every k between them), as a table and `elbow.png`.
 
 Other arguments are Hydra overrides of the experiment, as for train.py.
 """
@@ -26,7 +26,7 @@ from zoo.errors import UserError
 
 USAGE = (
     "usage: python -m zoo.curves learning experiment=<name> sizes=[0.1,0.5,1.0] seeds=3 [metric=acc] [key=value ...]\n"
-    "       python -m zoo.curves elbow experiment=<name> ks=[2,15] [key=value ...]"
+    "       python -m zoo.curves elbow experiment=<name> ks=[2..15] [key=value ...]"
 )
 CURVES = ("learning", "elbow")
 
@@ -47,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_ks(text: str) -> list[int]:
-    """`[2,15]` is every k from 2 to 15; `[2,4,8]` (three or more values) is those k."""
+    """`[2..15]` or `[2,15]` is every k from 2 to 15; `[2,4,8]` (three or more values) is those k."""
+    text = text.strip().strip("[]")
+    if ".." in text:
+        text = ",".join(part.strip() for part in text.split("..", 1))
     try:
-        values = [int(v) for v in text.strip().strip("[]").split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as error:
-        raise UserError(f"ks: expected a list of integers, e.g. ks=[2,15], got {text!r}") from error
+        raise UserError(f"ks: expected a list of integers, e.g. ks=[2..15], got {text!r}") from error
     if len(values) == 2 and values[0] < values[1]:
         values = list(range(values[0], values[1] + 1))
     if not values or min(values) < 1:
