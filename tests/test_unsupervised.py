@@ -144,3 +144,22 @@ def test_the_diagnosis_names_bias_and_variance() -> None:
     assert "closes as data grows" in diagnose(curve([1.0, 0.99], [0.6, 0.8]))
     assert diagnose(curve([0.62, 0.6], [0.6, 0.59])).startswith("high bias")
     assert diagnose(curve([0.99, 0.99], [0.97, 0.985])).startswith("neither")
+
+
+def test_a_labelled_csv_becomes_an_anomaly_table(train_config, tmp_path: Path) -> None:
+    from tests.test_classic import write_csv
+
+    path = write_csv(tmp_path / "table.csv", rows=400)
+    cfg = train_config(
+        "model=gaussian_anomaly",
+        "data=tabular_csv",
+        f"data.path={path}",
+        "data.target=sick",
+        "data.drop=[grade,level]",
+        "data.normal_class=no",
+        "data.anomaly_share=0.1",
+        "data.val_fraction=0.3",
+    )
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert 0.05 < metrics["train/anomaly_share"] < 0.15 and "test/f1" in metrics, metrics
