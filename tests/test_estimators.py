@@ -155,6 +155,13 @@ def test_xgboost_joins_an_ensemble_and_its_file_loads(train_config, tmp_path: Pa
     fitted = estimators.load(run / "model.skops")
     assert type(fitted[-1].estimators_[1][-1]).__name__ == "XGBClassifier"
     logged = json.loads((run / "metrics.json").read_text())
-    eval_cfg = compose_config("eval", [f"ckpt_path={run / 'model.skops'}"], tmp_path)
+    new_rows = tmp_path / "new.csv"
+    write_csv(new_rows, rows=12, seed=1)
+    eval_cfg = compose_config("eval", [f"ckpt_path={run / 'model.skops'}", f"data_path={new_rows}"], tmp_path)
     eval_cfg.paths.output_dir = str(tmp_path / "eval_xgb_member")
     assert evaluate(eval_cfg) == {k: v for k, v in logged.items() if k.startswith("test/")}
+    import pandas as pd
+
+    predictions = pd.read_csv(tmp_path / "eval_xgb_member" / "predictions.csv")
+    assert len(predictions) == 12 and set(predictions["prediction"]) <= {"yes", "no"}
+    assert np.allclose(predictions["probability_no"] + predictions["probability_yes"], 1.0)
