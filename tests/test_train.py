@@ -207,3 +207,22 @@ def test_cross_validation_reports_mean_and_std_over_folds(train_config) -> None:
     assert report["std"]["test/acc"] > 0
     assert value == pytest.approx(report["mean"]["val/acc_best"])
     assert all((Path(cfg.paths.output_dir) / f"fold_{i}" / "config.yaml").is_file() for i in range(3))
+
+
+def test_the_early_stopping_preset_ends_a_run_that_stopped_improving(train_config) -> None:
+    cfg = train_config("model=logreg", "callbacks=early_stopping", "logger=none", folder="preset")
+    assert cfg.callbacks.early_stopping.patience == 10 and "last_checkpoint" in cfg.callbacks
+    cfg = train_config(
+        "model=logreg",
+        "callbacks=early_stopping",
+        "callbacks.early_stopping.patience=2",
+        "optimizer=sgd",
+        "optimizer.lr=0",  # nothing is learnt, so val/acc never improves after the first epoch
+        "scheduler=none",
+        "trainer.max_epochs=20",
+        "trainer.limit_train_batches=2",
+        "logger=none",
+    )
+    train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2, last["epoch"]  # the first epoch sets the best, two more without improvement
