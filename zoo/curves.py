@@ -110,8 +110,7 @@ def learning(args: list[str]) -> dict[float, dict[str, list[float]]]:
             if missing:
                 allowed = sorted({k.split("/", 1)[1] for k in logged if k.startswith("val/")})
                 raise UserError(f"metric: the runs log no {missing[0]}; allowed: {', '.join(allowed)}")
-            entry = results.setdefault(size, {"rows": [], "train": [], "val": []})
-            entry["rows"].append(float(_training_rows(cfg)))
+            entry = results.setdefault(size, {"rows": [float(_training_rows(cfg))], "train": [], "val": []})
             entry["train"].append(float(logged[f"train/{metric}"]))
             entry["val"].append(float(logged[f"val/{metric}"]))
             train_value, val_value = entry["train"][-1], entry["val"][-1]
@@ -151,6 +150,7 @@ def diagnose(results: dict[float, dict[str, list[float]]], higher_is_better: boo
 
 
 def _training_rows(cfg: Any) -> int:
+    """The rows a share keeps, read once per share: the split depends on data.split_seed, not the run's seed."""
     from hydra.utils import instantiate
 
     data = instantiate(cfg.data)

@@ -130,18 +130,6 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
     return [np.sort(rest), *parts]
 
 
-def stratified_share(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """`size` positions of `labels` with their class proportions, fixed by (seed, size)."""
-    from sklearn.model_selection import train_test_split
-
-    if size >= len(labels):
-        return np.arange(len(labels))
-    _, _, kept, _ = train_test_split(
-        labels, np.arange(len(labels)), train_size=size, random_state=seed, stratify=labels
-    )
-    return kept
-
-
 class TensorDataModule(InMemoryDataModule):
     """Base for in-memory classification data: subclasses return arrays, this class splits and batches.
 
@@ -213,8 +201,11 @@ class TensorDataModule(InMemoryDataModule):
             x_test, y_test, x, y = x[test], y[test], x[pool], y[pool]
         train, val = stratified_split(y, [self.val_fraction], self.split_seed)
         if self.train_fraction < 1:  # learning curves: a stratified share of the training rows, the same val and test
-            kept = max(self.num_classes, round(self.train_fraction * len(train)))
-            train = np.sort(train[stratified_share(y[train], kept, self.split_seed)])
+            try:
+                kept, _ = stratified_split(y[train], [1 - self.train_fraction], self.split_seed)
+            except ValueError as error:  # fewer rows than classes on one side of the cut
+                raise UserError(f"data.train_fraction: {self.train_fraction} keeps too few rows ({error})") from error
+            train = train[kept]
         for name, (xs, ys) in {
             "train": (x[train], y[train]),
             "val": (x[val], y[val]),
