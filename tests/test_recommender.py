@@ -660,7 +660,10 @@ def test_count_exponent_weighs_each_rows_l2_by_its_count_to_that_power(train_con
     torch.manual_seed(0)
     net = BiasedMF(data.num_users, data.num_items, rank=3)
     net.set_statistics(data.global_mean)
-    groups = (ALSGroups(users, data.num_users), ALSGroups(items, data.num_items))
+    groups = (
+        ALSGroups(users, data.num_users, items, data.num_items),
+        ALSGroups(items, data.num_items, users, data.num_users),
+    )
     user_weight = torch.bincount(users, minlength=data.num_users).float().sqrt()
     item_weight = torch.bincount(items, minlength=data.num_items).float().sqrt()
 
@@ -679,3 +682,41 @@ def test_count_exponent_weighs_each_rows_l2_by_its_count_to_that_power(train_con
     assert all(b <= a * (1 + 1e-5) for a, b in zip(values, values[1:])), values
     with pytest.raises(Exception, match="count_exponent applies to model.solver=als"):  # hydra wraps the UserError
         build_model(train_config("experiment=mf_synthetic", *SMALL, "model.count_exponent=0.5"))
+
+
+# 300 + 50 ratings: a sparse matrix; 600 + 50: more ratings than the 30 x 20 cells, a dense one
+@pytest.mark.parametrize("count", [300, 600])
+def test_conjugate_gradient_sweep_reaches_the_exact_solve_even_with_repeated_pairs(count: int) -> None:
+    from zoo.nn.recommender import ALSGroups, als_sweep
+
+    generator = torch.Generator().manual_seed(0)
+    users = torch.randint(0, 30, (count,), generator=generator)
+    items = torch.randint(0, 20, (count,), generator=generator)
+    users, items = torch.cat([users, users[:50]]), torch.cat([items, items[:50]])  # 50 pairs rated once more
+    ratings = torch.randint(1, 6, (count + 50,), generator=generator).double()
+    groups = (ALSGroups(users, 30, items, 20), ALSGroups(items, 20, users, 30))
+    nets = []
+    for cg_steps in (0, 6):  # rank 4 + bias: conjugate gradients solve a 5-unknown system exactly in 5 steps
+        torch.manual_seed(0)
+        net = BiasedMF(30, 20, rank=4).double()
+        net.set_statistics(float(ratings.mean()))
+        als_sweep(net, users, items, ratings, groups, 0.1, 0.05, cg_steps=cg_steps, count_exponent=0.5)
+        nets.append(net)
+    exact, iterated = (dict(n.named_parameters()) for n in nets)
+    for name, value in exact.items():
+        assert torch.allclose(value, iterated[name], atol=1e-8), name
+
+
+def test_als_objective_from_counts_equals_the_per_rating_objective(train_config) -> None:
+    from zoo.run import build_model
+
+    cfg = train_config("experiment=mf_synthetic", *SMALL, "model.solver=als", "model.cg_steps=2")
+    model = build_model(cfg)
+    model._als_step(0)  # one sweep; builds the rating groups
+    users, items, ratings = model.als_users, model.als_items, model.als_ratings
+    predictions, loss = model._als_objective()
+    factors, biases = model.net.penalty(users, items)
+    l2 = model.factor_l2 * factors.mean() + model.bias_l2 * biases.mean()
+    expected = F.mse_loss(model.net(users, items), ratings) + l2
+    assert torch.allclose(predictions, model.net(users, items), atol=1e-5)
+    assert math.isclose(float(loss), float(expected), rel_tol=1e-5) and float(loss) < 1.5

@@ -6,6 +6,7 @@ training data never had. Explicit nets predict ratings, implicit nets score (use
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -111,22 +112,56 @@ class BiasedMF(nn.Module):
 
 
 class ALSGroups:
-    """The ratings of one side (users or items) cut into padded blocks of entities with similar counts.
+    """The training ratings seen from one side (users or items): each entity's count, the ratings as a sparse
+    (entity x other side) CSR matrix, and padded blocks of entities with similar counts for exact solves.
 
-    Why: alternating least squares solves one small ridge regression per user (then per item); gathering
-    each block's ratings into a (entities, width, rank + 1) tensor turns the normal equations into a few batched
-    matrix products and Cholesky solves per sweep, instead of one Python step per entity or per rating.
-    The blocks depend only on the training ratings, so they are built once.
+    Why: alternating least squares solves one small ridge regression per user (then per item). The CSR matrix
+    turns every conjugate-gradient step for all entities at once into one sampled dense product and one sparse
+    product (no (ratings x rank) tensor is ever gathered); the blocks turn exact solves into a few batched matrix
+    products and Cholesky solves. Both depend only on the training ratings, so they are built once.
     """
 
-    def __init__(self, entity: torch.Tensor, num: int, block_elements: int = 1 << 21) -> None:
-        counts = torch.bincount(entity, minlength=num)
+    def __init__(
+        self,
+        entity: torch.Tensor,
+        num: int,
+        other: torch.Tensor | None = None,
+        num_other: int | None = None,
+        block_elements: int = 1 << 21,
+    ) -> None:
+        self.entity, self.num, self.block_elements = entity, num, block_elements
+        self.counts = torch.bincount(entity, minlength=num)
+        self._blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self.order: torch.Tensor | None = None
+        if other is not None:
+            width = int(num_other if num_other is not None else int(other.max()) + 1)
+            # ratings sorted by entity, then by the other side: the CSR layout, duplicates kept as separate entries
+            self.order = torch.argsort(entity * width + other, stable=True)
+            self.crow = torch.cat([self.counts.new_zeros(1), torch.cumsum(self.counts, 0)])
+            self.columns = other[self.order]
+            self.shape = (num, width)
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """The ratings as a CSR matrix holding `values` (one per rating, in the ratings' own order)."""
+        if self.order is None:
+            raise ValueError("ALSGroups was built without the other side's indices: no CSR matrix")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": the ops used are stable
+            return torch.sparse_csr_tensor(self.crow, self.columns, values[self.order], self.shape)
+
+    @property
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self._blocks is None:
+            self._blocks = self._build_blocks()
+        return self._blocks
+
+    def _build_blocks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        entity, counts = self.entity, self.counts
         order = torch.argsort(entity, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         rated = torch.nonzero(counts > 0).squeeze(1)
         rated = rated[torch.argsort(counts[rated], stable=True)]  # fewest ratings first: little padding per block
-        self.counts = counts
-        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        blocks = []
         sorted_counts = counts[rated].cpu().numpy()
         begin, total = 0, len(rated)
         while begin < total:
@@ -134,7 +169,7 @@ class ALSGroups:
             # a block ends at its budget of padded ratings, or where counts grow by a quarter (padding stays small)
             while (
                 end < total
-                and (end + 1 - begin) * int(sorted_counts[end]) <= block_elements
+                and (end + 1 - begin) * int(sorted_counts[end]) <= self.block_elements
                 and sorted_counts[end] <= 1.25 * sorted_counts[begin] + 4
             ):
                 end += 1
@@ -143,8 +178,9 @@ class ALSGroups:
             position = torch.arange(width, device=entity.device)
             valid = position[None, :] < counts[members][:, None]
             index = order[(starts[members][:, None] + position[None, :]).clamp(max=len(order) - 1)]
-            self.blocks.append((members, index, valid))
+            blocks.append((members, index, valid))
             begin = end
+        return blocks
 
 
 def ridge_solve(
@@ -176,27 +212,35 @@ def ridge_solve(
 
 
 def conjugate_gradient_solve(
-    entity: torch.Tensor,
+    groups: ALSGroups,
     weights: torch.Tensor,
-    features: torch.Tensor,
+    table: torch.Tensor,
     targets: torch.Tensor,
     penalty: torch.Tensor,
     out: torch.Tensor,
     steps: int,
 ) -> None:
     """The ridge regressions of ridge_solve, approximately: `steps` conjugate-gradient steps per entity, all at once,
-    started from the current rows of `out` (Takacs et al., 2011).
+    started from the current rows of `out` (Takacs et al., 2011). `table` holds the other side's feature rows
+    (rating n of entity e has the features table[other[n]]).
 
-    Why: it never forms the (d x d) normal matrices; each step costs one gather and one scatter of the (N, d)
-    per-rating features, so high ranks stay cheap, and warm starts from the previous sweep need only a few steps.
+    Why: it never forms the (d x d) normal matrices. Each step is one sampled product (the features' dot products
+    with the current direction at the rated cells only) and one sparse product, so high ranks stay cheap, and
+    warm starts from the previous sweep need only a few steps.
     """
-    scale = weights[:, None].to(features.dtype) * penalty[None, :]
+    scale = weights[:, None].to(table.dtype) * penalty[None, :]
+    pattern = groups.matrix(torch.ones_like(targets))
+    if len(targets) > groups.shape[0] * groups.shape[1]:
+        # more ratings than cells (pairs rated many times): the sampled product refuses it, a dense one is small here
+        pattern = pattern.to_dense()  # each cell holds how often its pair was rated
 
     def apply(vectors: torch.Tensor) -> torch.Tensor:
-        projected = (features * vectors[entity]).sum(1, keepdim=True)
-        return torch.zeros_like(vectors).index_add_(0, entity, features * projected) + scale * vectors
+        if pattern.layout == torch.strided:
+            return (pattern * (vectors @ table.T)) @ table + scale * vectors
+        projected = torch.sparse.sampled_addmm(pattern, vectors, table.T, beta=0.0)
+        return projected @ table + scale * vectors
 
-    right = torch.zeros_like(out).index_add_(0, entity, features * targets[:, None])
+    right = groups.matrix(targets) @ table
     solution = out.clone()
     residual = right - apply(solution)
     direction = residual.clone()
@@ -210,7 +254,7 @@ def conjugate_gradient_solve(
         new_norm = residual.square().sum(1)
         direction = residual + (new_norm / norm.clamp_min(1e-30))[:, None] * direction
         norm = new_norm
-    rated = torch.bincount(entity, minlength=len(out)) > 0
+    rated = groups.counts > 0
     out[rated] = solution[rated]
 
 
@@ -228,6 +272,8 @@ def als_sweep(
 ) -> None:
     """One sweep of alternating least squares on BiasedMF: users (p_u, b_u) exactly given the items, then items
     (with `cg_steps` > 0: that many conjugate-gradient steps from the current rows instead of the exact solve).
+    `groups` are the ratings seen from the users and from the items; conjugate gradients need them built with the
+    other side's indices (their CSR matrices).
 
     `count_exponent` a < 1 weighs each user's and item's L2 by its rating count to the power a instead of the count
     itself: entities with many ratings are shrunk less than in proportion, those with few more.
@@ -239,28 +285,27 @@ def als_sweep(
     rank = net.user_factors.weight.shape[1]
     dtype = net.user_factors.weight.dtype
     penalty = torch.tensor([factor_l2] * rank + [bias_l2], device=ratings.device, dtype=dtype)
-    offset = net._offset(items, torch.ones_like(items, dtype=torch.bool))
-    residual = ratings - offset
-    ones = torch.ones(len(items), 1, device=ratings.device, dtype=dtype)
+    residual = ratings - net._offset(items, torch.ones_like(items, dtype=torch.bool))
     by_user, by_item = groups
 
-    def solve(
-        groups: ALSGroups, entity: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, out: torch.Tensor
-    ) -> None:
+    def solve(groups: ALSGroups, other: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, out: torch.Tensor):
+        """The rows of one side given the other side's `table`; rating n has the features table[other[n]]."""
         weights = groups.counts.to(dtype).pow(count_exponent)
         if cg_steps > 0:
-            conjugate_gradient_solve(entity, weights, features, targets, penalty, out, cg_steps)
+            conjugate_gradient_solve(groups, weights, table, targets, penalty, out, cg_steps)
         else:
-            ridge_solve(groups, features, targets, penalty, out, weights)
+            ridge_solve(groups, table[other], targets, penalty, out, weights)
 
+    ones = torch.ones(len(net.item_known), 1, device=ratings.device, dtype=dtype)
     solution = torch.cat([net.user_factors.weight, net.user_bias.weight], 1)
-    features = torch.cat([net.item_factors.weight[items], ones], 1)
-    solve(by_user, users, features, residual - net.item_bias.weight[items, 0], solution)
+    item_table = torch.cat([net.item_factors.weight, ones], 1)
+    solve(by_user, items, item_table, residual - net.item_bias.weight[items, 0], solution)
     net.user_factors.weight.copy_(solution[:, :rank])
     net.user_bias.weight.copy_(solution[:, rank:])
+    ones = torch.ones(len(net.user_known), 1, device=ratings.device, dtype=dtype)
     solution = torch.cat([net.item_factors.weight, net.item_bias.weight], 1)
-    features = torch.cat([net.user_factors.weight[users], ones], 1)
-    solve(by_item, items, features, residual - net.user_bias.weight[users, 0], solution)
+    user_table = torch.cat([net.user_factors.weight, ones], 1)
+    solve(by_item, users, user_table, residual - net.user_bias.weight[users, 0], solution)
     net.item_factors.weight.copy_(solution[:, :rank])
     net.item_bias.weight.copy_(solution[:, rank:])
 

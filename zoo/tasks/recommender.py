@@ -307,7 +307,11 @@ class RatingTask(_Recommender):
             return None
         users, items, ratings = self.als_users, self.als_items, self.als_ratings
         if self._als_groups is None or self._als_groups[0].counts.device != users.device:
-            self._als_groups = (ALSGroups(users, len(self.user_ids)), ALSGroups(items, len(self.item_ids)))
+            num_users, num_items = len(self.user_ids), len(self.item_ids)
+            self._als_groups = (
+                ALSGroups(users, num_users, items, num_items),
+                ALSGroups(items, num_items, users, num_users),
+            )
         als_sweep(
             self.net,
             users,
@@ -319,15 +323,35 @@ class RatingTask(_Recommender):
             self.cg_steps,
             self.count_exponent,
         )
-        with torch.no_grad():
-            predictions = self.net(users, items)
-            factors, biases = self.net.penalty(users, items)
-            loss = F.mse_loss(predictions, ratings) + self.factor_l2 * factors.mean() + self.bias_l2 * biases.mean()
+        predictions, loss = self._als_objective()
         self.train_loss.update(loss)
-        self.train_rmse.update(predictions, ratings)
+        self.train_rmse.update(predictions, self.als_ratings)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/rmse", self.train_rmse, on_step=False, on_epoch=True)
         return None
+
+    @torch.no_grad()
+    def _als_objective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training predictions and the objective of gradient training, without gathering a row per rating:
+        the dot products come from a sampled product at the rated cells, the L2 terms from the rating counts."""
+        net, (by_user, by_item) = self.net, self._als_groups
+        users = torch.cat([net.user_factors.weight, net.user_bias.weight, torch.ones_like(net.user_bias.weight)], 1)
+        items = torch.cat([net.item_factors.weight, torch.ones_like(net.item_bias.weight), net.item_bias.weight], 1)
+        pattern = by_user.matrix(torch.ones_like(self.als_ratings))
+        if len(self.als_ratings) > pattern.shape[0] * pattern.shape[1]:  # see conjugate_gradient_solve
+            scores = (users @ items.T)[by_user.entity, by_item.entity]
+        else:
+            scores = torch.empty_like(self.als_ratings)
+            scores[by_user.order] = torch.sparse.sampled_addmm(pattern, users, items.T, beta=0.0).values()
+        predictions = net._offset(self.als_items, torch.ones_like(self.als_items, dtype=torch.bool)) + scores
+        user_counts, item_counts = by_user.counts.to(scores.dtype), by_item.counts.to(scores.dtype)
+        factors = user_counts @ net.user_factors.weight.square().sum(
+            1
+        ) + item_counts @ net.item_factors.weight.square().sum(1)
+        biases = user_counts @ net.user_bias.weight[:, 0].square() + item_counts @ net.item_bias.weight[:, 0].square()
+        count = len(self.als_ratings)
+        loss = F.mse_loss(predictions, self.als_ratings) + (self.factor_l2 * factors + self.bias_l2 * biases) / count
+        return predictions, loss
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         if self.solver == "als":
