@@ -21,7 +21,7 @@ from zoo.data.recommender import (
 )
 from zoo.errors import UserError
 from zoo.metrics.ranking import exclude_seen, hit_rate, ndcg, target_ranks
-from zoo.nn.recommender import BiasedMF, ImplicitMF, TwoTower
+from zoo.nn.recommender import BiasedMF, ImplicitMF, NeuMF, TwoTower
 from zoo.run import evaluate, train
 
 SMALL = ["data.num_users=200", "data.num_items=100", "data.num_ratings=8000"]
@@ -420,11 +420,12 @@ def test_implicit_mf_ranks_better_than_chance(train_config) -> None:
     assert metrics["test/hr@10"] > metrics["test/hr@10_popularity"] > 0.0
 
 
-def test_logistic_loss_and_two_tower_run(train_config, tmp_path: Path) -> None:
+def test_logistic_loss_two_tower_and_neumf_run(train_config, tmp_path: Path) -> None:
     write_100k(tmp_path / "ml", tiny_ratings(count=50))
     for overrides in (
         ["experiment=mf_implicit_synthetic", *SMALL, "model.loss=logistic"],
         ["model=two_tower", "data=movielens", f"data.path={tmp_path / 'ml'}", "optimizer=adam"],
+        ["experiment=neumf_movielens", f"data.path={tmp_path / 'ml'}"],
     ):
         cfg = train_config(*overrides, "trainer.max_epochs=2", "logger=none", folder=f"run{len(overrides)}")
         train(cfg)
@@ -441,6 +442,29 @@ def test_two_tower_scores_with_features_and_is_normalized() -> None:
     assert torch.allclose(
         net(users, torch.tensor([[0, 1], [2, 3], [4, 0]])), scores.gather(1, torch.tensor([[0, 1], [2, 3], [4, 0]]))
     )
+
+
+def test_neumf_scores_candidates_like_all_items_and_unknown_ids_score_zero() -> None:
+    torch.manual_seed(0)
+    net = NeuMF(3, 4, gmf_dim=2, mlp=(8, 4), init_std=0.5)
+    users = torch.tensor([0, 2])
+    candidates = torch.tensor([[3, 1], [0, 2]])
+    assert torch.allclose(net(users, candidates), net.score_all(users).gather(1, candidates))
+    assert torch.allclose(net(users, candidates[:, 0]), net(users, candidates)[:, 0])
+    net.set_known(torch.tensor([True, False, True]), torch.ones(4, dtype=torch.bool))
+    assert net(torch.tensor([1, -1]), torch.tensor([0, 0])).eq(0).all()
+    # the MLP branch sees the pair, not only each side: its output differs from user part + item part
+    assert net.score_all(torch.tensor([0, 2])).std() > 0
+
+
+@pytest.mark.slow
+def test_neumf_learns_to_rank_above_popularity(train_config) -> None:
+    cfg = train_config(
+        "model=neumf", "data=ratings_synthetic", "optimizer.lr=5e-3", "trainer.max_epochs=6", "logger=none"
+    )
+    train(cfg)
+    metrics = metrics_of(cfg)
+    assert metrics["test/hr@10"] > metrics["test/hr@10_popularity"] > 0.0
 
 
 def test_implicit_mf_scores_candidates_like_all_items() -> None:
@@ -707,16 +731,27 @@ def test_conjugate_gradient_sweep_reaches_the_exact_solve_even_with_repeated_pai
         assert torch.allclose(value, iterated[name], atol=1e-8), name
 
 
-def test_als_objective_from_counts_equals_the_per_rating_objective(train_config) -> None:
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_als_objective_from_counts_equals_the_per_rating_objective(train_config, exponent: float) -> None:
     from zoo.run import build_model
 
-    cfg = train_config("experiment=mf_synthetic", *SMALL, "model.solver=als", "model.cg_steps=2")
-    model = build_model(cfg)
-    model._als_step(0)  # one sweep; builds the rating groups
+    overrides = ("model.solver=als", "model.cg_steps=2", f"model.count_exponent={exponent}")
+    model = build_model(train_config("experiment=mf_synthetic", *SMALL, *overrides))
+    net, objectives = model.net, []
+    for _ in range(3):
+        model._als_step(0)  # one sweep; the first builds the rating groups
+        objectives.append(float(model._als_objective()[1]))
     users, items, ratings = model.als_users, model.als_items, model.als_ratings
     predictions, loss = model._als_objective()
-    factors, biases = model.net.penalty(users, items)
+    # each rating carries its user's and its item's L2 divided by their counts to the power 1 - exponent
+    user_share = torch.bincount(users).double().pow(exponent - 1)[users]
+    item_share = torch.bincount(items).double().pow(exponent - 1)[items]
+    factors = user_share * net.user_factors(users).square().sum(1) + item_share * net.item_factors(items).square().sum(
+        1
+    )
+    biases = user_share * net.user_bias(users)[:, 0].square() + item_share * net.item_bias(items)[:, 0].square()
     l2 = model.factor_l2 * factors.mean() + model.bias_l2 * biases.mean()
-    expected = F.mse_loss(model.net(users, items), ratings) + l2
-    assert torch.allclose(predictions, model.net(users, items), atol=1e-5)
-    assert math.isclose(float(loss), float(expected), rel_tol=1e-5) and float(loss) < 1.5
+    expected = F.mse_loss(net(users, items), ratings) + l2
+    assert torch.allclose(predictions, net(users, items), atol=1e-5)
+    assert math.isclose(float(loss), float(expected), rel_tol=1e-5)
+    assert objectives[2] <= objectives[1] <= objectives[0], objectives  # what the sweeps minimize never rises

@@ -332,8 +332,8 @@ class RatingTask(_Recommender):
 
     @torch.no_grad()
     def _als_objective(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training predictions and the objective of gradient training, without gathering a row per rating:
-        the dot products come from a sampled product at the rated cells, the L2 terms from the rating counts."""
+        """The training predictions and the objective the sweeps minimize (per rating), without gathering a row per
+        rating: the dot products come from a sampled product at the rated cells, the L2 terms from the counts."""
         net, (by_user, by_item) = self.net, self._als_groups
         users = torch.cat([net.user_factors.weight, net.user_bias.weight, torch.ones_like(net.user_bias.weight)], 1)
         items = torch.cat([net.item_factors.weight, torch.ones_like(net.item_bias.weight), net.item_bias.weight], 1)
@@ -344,7 +344,9 @@ class RatingTask(_Recommender):
             scores = torch.empty_like(self.als_ratings)
             scores[by_user.order] = torch.sparse.sampled_addmm(pattern, users, items.T, beta=0.0).values()
         predictions = net._offset(self.als_items, torch.ones_like(self.als_items, dtype=torch.bool)) + scores
-        user_counts, item_counts = by_user.counts.to(scores.dtype), by_item.counts.to(scores.dtype)
+        # each row's L2 weight: its rating count to count_exponent (1: the per-rating L2 of gradient training)
+        user_counts = by_user.counts.to(scores.dtype).pow(self.count_exponent)
+        item_counts = by_item.counts.to(scores.dtype).pow(self.count_exponent)
         factors = user_counts @ net.user_factors.weight.square().sum(
             1
         ) + item_counts @ net.item_factors.weight.square().sum(1)
