@@ -265,53 +265,44 @@ IMPLICIT_RUNS = (
     ("BPR MF", ["experiment=mf_implicit_movielens"]),
     ("logistic MF", ["experiment=mf_implicit_movielens", "model.loss=logistic"]),
     ("two-tower", ["experiment=two_tower_movielens"]),
+    ("NeuMF", ["experiment=neumf_movielens"]),
 )
 TARGET_HR = 0.70
 
 
-def movielens_implicit(args: argparse.Namespace) -> None:
-    """The implicit recipes, leave-one-out, each beside popularity ranked on the same candidates."""
+def movielens_implicit(args: argparse.Namespace, seeds: list[int]) -> None:
+    """The implicit recipes, leave-one-out, each beside popularity ranked on the same candidates; mean ± std over
+    training seeds (the split is the same: leave-one-out has one)."""
     path = f"data.path={args.movielens.expanduser().resolve()}"
-    k = "10"
-    rows = [["model", "HR@10 sampled", "NDCG@10 sampled", "HR@10 all", "NDCG@10 all", "wall"]]
+    k, sampled = "10", "sampled100"
+    names = (f"hr@{k}_{sampled}", f"ndcg@{k}_{sampled}", f"hr@{k}", f"ndcg@{k}")
+    rows = [["model", "HR@10 sampled", "NDCG@10 sampled", "HR@10 all", "NDCG@10 all", "worst HR@10 s.", "wall/run"]]
     popularity: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="implicit_") as tmp:
         for label, overrides in IMPLICIT_RUNS:
-            metrics, seconds = run([*overrides, path], Path(tmp), label.replace(" ", "_"))
-            sampled = "sampled100"
-            rows.append(
-                [
-                    label,
-                    f"{metrics[f'test/hr@{k}_{sampled}']:.4f}",
-                    f"{metrics[f'test/ndcg@{k}_{sampled}']:.4f}",
-                    f"{metrics[f'test/hr@{k}']:.4f}",
-                    f"{metrics[f'test/ndcg@{k}']:.4f}",
-                    f"{seconds:.0f} s",
-                ]
-            )
-            popularity = {
-                name: metrics[f"test/{name}"]
-                for name in (
-                    f"hr@{k}_{sampled}_popularity",
-                    f"ndcg@{k}_{sampled}_popularity",
-                    f"hr@{k}_popularity",
-                    f"ndcg@{k}_popularity",
-                )
-            }
-            print(f"{label}: test/hr@{k}_{sampled} {metrics[f'test/hr@{k}_{sampled}']:.4f}", flush=True)
-    rows.append(["popularity", *(f"{v:.4f}" for v in popularity.values()), "-"])
+            runs = [
+                run([*overrides, path, f"seed={seed}"], Path(tmp), f"{label.replace(' ', '_')}_{seed}")
+                for seed in seeds
+            ]
+            scores = {name: [metrics[f"test/{name}"] for metrics, _ in runs] for name in names}
+            worst = min(scores[names[0]])
+            wall = sum(seconds for _, seconds in runs) / len(runs)
+            rows.append([label, *(mean_std(scores[name]) for name in names), f"{worst:.4f}", f"{wall:.0f} s"])
+            popularity = {name: runs[0][0][f"test/{name}_popularity"] for name in names}
+            print(f"{label}: test/hr@{k}_{sampled} {', '.join(f'{v:.4f}' for v in scores[names[0]])}", flush=True)
+    rows.append(["popularity", *(f"{popularity[name]:.4f}" for name in names), "-", "-"])
     print(
         f"\nImplicit feedback on {args.movielens.name}: leave-one-out (each user's latest interaction is the test "
         f"item), the checkpoint with the best val/ndcg@{k}; 'sampled': the target among 100 sampled unrated items "
-        f"(He et al., 2017), 'all': among all unrated items; popularity ranked on the same candidates. "
-        f"Target: HR@{k} sampled >= {TARGET_HR}."
+        f"(He et al., 2017), 'all': among all unrated items; popularity ranked on the same candidates. Mean ± std "
+        f"over seeds {', '.join(map(str, seeds))}. Target: HR@{k} sampled >= {TARGET_HR}."
     )
-    print(table(rows, right={1, 2, 3, 4, 5}))
+    print(table(rows, right={1, 2, 3, 4, 5, 6}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="1", help="comma-separated training seeds for the synthetic runs")
+    parser.add_argument("--seeds", default="1", help="comma-separated training seeds (synthetic and implicit runs)")
     parser.add_argument("--movielens", type=Path, default=None, help="a MovieLens folder (any format data.path reads)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold-seed", type=int, default=0, help="the seed of the shuffled k-fold (data.split_seed)")
@@ -334,7 +325,7 @@ def main() -> None:
     if args.movielens is not None and args.explicit:
         movielens_side_by_side(args)
     if args.movielens is not None and args.implicit:
-        movielens_implicit(args)
+        movielens_implicit(args, seeds)
     if not args.synthetic:
         return
     rows = [["experiment", "metric", "model", "reference", "", "wall/run"]]
