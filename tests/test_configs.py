@@ -116,3 +116,22 @@ def test_max_time_stops_training_and_the_test_still_runs(train_config) -> None:
     assert "test/acc" in json.loads((output_dir / "metrics.json").read_text())
     last = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert 0 < last["epoch"] < 299, last["epoch"]  # stopped by the clock, not by max_epochs
+
+
+SEARCHES = sorted(p.stem for p in (CONFIG_DIR / "hparams_search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_every_search_tunes_keys_its_config_has(search: str) -> None:
+    """A misspelt key in a search space would only fail at its first trial, minutes into a sweep."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params, f"{search}: no search space"
+    missing = [
+        key for key in params if not key.startswith("+") and OmegaConf.select(cfg, key, default="<none>") == "<none>"
+    ]
+    assert not missing, f"{search}: {missing} are not keys of the composed config"
