@@ -251,7 +251,7 @@ class RatingTask(_Recommender):
             raise UserError("model: this explicit-rating model needs data.protocol=ratings")
         if solver not in SOLVERS:
             raise ValueError(f"model.solver: unknown '{solver}'; allowed: {', '.join(SOLVERS)}")
-        if solver == "als" and not hasattr(self.net, "user_bias"):
+        if solver == "als" and (not hasattr(self.net, "user_bias") or hasattr(self.net, "set_implicit")):
             raise UserError(
                 f"model.solver=als solves BiasedMF in closed form; {type(self.net).__name__} needs gradient"
             )
@@ -275,6 +275,8 @@ class RatingTask(_Recommender):
             torch.from_numpy(data.user_known),
             torch.from_numpy(data.item_known),
         )
+        if hasattr(self.net, "set_implicit"):  # SVD++: which items each user rated in training
+            self.net.set_implicit(*data.splits["train"][:2])
         self.register_buffer("rating_scale", torch.tensor(data.scale, dtype=torch.float32))
         self.noise_std = data.noise_std
         self.train_loss, self.train_rmse = MeanMetric(), MeanSquaredError(squared=False)
