@@ -10,6 +10,7 @@ its time if its best parameters beat the defaults on those folds.
     python benchmarks/boost.py --experiments xgb_wine --folds 10
     python benchmarks/boost.py --classic                   # also every scikit-learn kind on every table
     python benchmarks/boost.py --unsupervised --experiments xgb_wine   # k-means beside scikit-learn's
+    python benchmarks/boost.py --regression --experiments xgb_diabetes  # MLP and linear regression by gradient
 """
 
 from __future__ import annotations
@@ -126,6 +127,36 @@ def classic_table(folds: int, folder: Path) -> str:
     return f"\nscikit-learn's classics and XGBoost, {folds}-fold cross-validation\n{table(rows)}"
 
 
+# neural regression beside scikit-learn's and XGBoost's on the same folds of the diabetes table
+REGRESSION_RUNS = (
+    ("mean (dummy)", "data=diabetes model=dummy"),
+    ("scikit-learn LinearRegression", "data=diabetes model=linear_regression"),
+    ("zoo linreg_diabetes", "linreg_diabetes"),
+    ("zoo mlp_diabetes", "mlp_diabetes"),
+    ("XGBoost xgb_diabetes", "xgb_diabetes"),
+)
+
+
+def regression_table(folds: int, folder: Path) -> str:
+    """The neural regressors beside the closed-form least squares they should match and XGBoost, same folds."""
+    rows = [["model", "test/r2", "test/rmse", "test/mae", "wall"]]
+    reports = {}
+    for label, chosen in REGRESSION_RUNS:
+        report, seconds = cross_validate(chosen, folds, folder)
+        reports[label] = report
+        metrics = ("test/r2", "test/rmse", "test/mae")
+        rows.append([label, *(mean_std(report, m) for m in metrics), f"{seconds:.1f} s"])
+        print(f"  {label}: test/r2 {mean_std(report, 'test/r2')} in {seconds:.1f} s", flush=True)
+    gap = (
+        reports["zoo linreg_diabetes"]["mean"]["test/r2"] - reports["scikit-learn LinearRegression"]["mean"]["test/r2"]
+    )
+    return (
+        f"\nRegression on diabetes, {folds}-fold cross-validation (the same folds for every row; the neural rows "
+        f"test their best-val/rmse checkpoint)\n{table(rows)}\nzoo linreg_diabetes minus LinearRegression, mean "
+        f"R²: {gap:+.4f} (target: within 0.01)"
+    )
+
+
 def kmeans_table(seeds: int = 3) -> str:
     """The zoo's k-means beside scikit-learn's on the digits (all 1,797 rows, k = 10, 10 restarts): inertia, ARI
     against the labels and wall time, mean ± std over seeds; a random assignment is the floor."""
@@ -174,6 +205,9 @@ def main() -> None:
         "--classic", action="store_true", help="also every scikit-learn kind on every table, on the same folds"
     )
     parser.add_argument("--unsupervised", action="store_true", help="also k-means beside scikit-learn's")
+    parser.add_argument(
+        "--regression", action="store_true", help="also the neural regressors beside LinearRegression and XGBoost"
+    )
     args = parser.parse_args()
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     unknown = [e for e in experiments if e not in TARGETS]
@@ -199,6 +233,8 @@ def main() -> None:
             print(classic_table(args.folds, folder / "classic"))
         if args.unsupervised:
             print(kmeans_table())
+        if args.regression:
+            print(regression_table(args.folds, folder / "regression"))
 
         if args.optuna_trials:
             default, default_seconds = cross_validate("xgb_breast_cancer", args.folds, folder / "default")

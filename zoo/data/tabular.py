@@ -12,11 +12,12 @@ from zoo.errors import UserError
 
 
 class TabularDataModule(TensorDataModule):
-    """A Table for neural classifiers: the same rows per split as XGBoost gets, as standardized float tensors.
+    """A Table for neural models: the same rows per split as XGBoost gets, as standardized float tensors.
 
     Categoricals are one-hot encoded; every column is standardized with the mean and standard deviation of the
     train split, and missing values become 0 (the train mean). `input_shape` is `[encoded width]`; bundled
-    configs set it, a CSV table must be told (the error names the width).
+    configs set it, a CSV table must be told (the error names the width). A regression target (num_classes 1, one
+    output) is standardized the same way; `target_scale` is its training (mean, std), None for classes.
     """
 
     def __init__(
@@ -61,13 +62,11 @@ class TabularDataModule(TensorDataModule):
         )
         self.pca_components = pca_components
         width = self.table.encoded_width if pca_components is None else pca_components
+        outputs = 1 if self.table.task == "regression" else self.table.num_classes
         if input_shape is None or num_classes is None:
-            table = self.table
-            if table.task == "regression":
-                raise UserError("data.task: neural models here are classifiers; a regression table needs XGBoost")
             raise UserError(
-                f"data.input_shape: set data.input_shape=[{width}] "
-                f"data.num_classes={table.num_classes} for a neural model on this table"
+                f"data.input_shape: set data.input_shape=[{width}] data.num_classes={outputs} for a neural model on "
+                f"this table{' (one output: a regression target)' if outputs == 1 else ''}"
             )
         super().__init__(
             input_shape,
@@ -85,14 +84,16 @@ class TabularDataModule(TensorDataModule):
         )
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
+        self.target_scale: tuple[float, float] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         table = self.table
-        if table.task == "regression":
-            raise UserError("data.task: neural models here are classifiers; a regression table needs XGBoost")
-        if table.num_classes != self.num_classes:
+        regression = table.task == "regression"
+        if regression and self.num_classes != 1:
+            raise UserError(f"data.num_classes is {self.num_classes}; a regression target has one output: set it to 1")
+        if not regression and table.num_classes != self.num_classes:
             raise UserError(f"data.num_classes is {self.num_classes} but the target has {table.num_classes} classes")
         components = pca_components({"pca_components": self.pca_components}, table.encoded_width)
         width = components or table.encoded_width
@@ -102,10 +103,16 @@ class TabularDataModule(TensorDataModule):
                 f"data.input_shape is {list(self.input_shape)} but the model gets {what}; "
                 f"set data.input_shape=[{width}]"
             )
+        target_type = torch.float32 if regression else torch.long
         raw = {
-            name: (torch.as_tensor(table.encoded(x)), torch.as_tensor(y, dtype=torch.long))
+            name: (torch.as_tensor(table.encoded(x)), torch.as_tensor(y, dtype=target_type))
             for name, (x, y) in table.splits().items()
         }
+        if regression:  # the target standardized like the columns; the task maps predictions back
+            target = raw["train"][1].double()
+            mean, std = float(target.mean()), float(target.std(correction=0))
+            self.target_scale = (mean, std if std > 0 else 1.0)
+            raw = {name: (x, ((y - mean) / self.target_scale[1]).float()) for name, (x, y) in raw.items()}
         train = raw["train"][0]
         self.mean = torch.nanmean(train, dim=0).nan_to_num(0.0)
         spread = torch.sqrt(torch.nanmean((train - self.mean) ** 2, dim=0)).nan_to_num(0.0)

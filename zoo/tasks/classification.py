@@ -18,6 +18,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from zoo.errors import UserError
 from zoo.optim import configure_optimizers
 from zoo.tasks import figures
 
@@ -41,6 +42,11 @@ class ClassificationTask(L.LightningModule):
         monitor: str = "val/acc",
     ) -> None:
         super().__init__()
+        if num_classes < 2:
+            raise UserError(
+                f"model.num_classes is {num_classes}: a classifier needs 2 or more classes; "
+                "for a regression target use model=mlp_regressor"
+            )
         self.net = net
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.label_smoothing, self.monitor = label_smoothing, monitor
