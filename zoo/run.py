@@ -124,6 +124,10 @@ def fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     model = build_model(cfg, datamodule)
     trainer = build_trainer(cfg, _fine_tuning(cfg, model))
 
+    if cfg.get("tune"):  # a finder instead of training: its suggestion is the run's result
+        from zoo import tuning
+
+        return tuning.run(cfg, trainer, model, datamodule, output_dir)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
         check_checkpoint(ckpt_path, model)
