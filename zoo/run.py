@@ -212,6 +212,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     mode = cfg.get("mode", "score")
     if cfg.get("render") and mode == "score":  # `render=true` asks for the family's render mode (DQN: a GIF)
         mode = "render"
+    if mode == "export":  # any classifier or regressor, whatever its family
+        from zoo import export
+
+        model.load_state_dict(load_lightning_checkpoint(ckpt_path)["state_dict"])
+        return export.export(model, datamodule, output_dir, str(cfg.get("format", "onnx")))
     if mode != "score":
         return _run_eval_mode(cfg, model, ckpt_path, mode)
     trainer = L.Trainer(
