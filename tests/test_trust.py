@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from tests import test_cyclegan, test_dqn, test_gan, test_pggan, test_recommender, test_transformer
+from tests import test_cyclegan, test_dqn, test_gan, test_pggan, test_recommender, test_transformer, test_vae
 from tests.conftest import ROOT, run_script
 from zoo.callbacks import AtomicCheckpointIO
 from zoo.errors import TrainingDiverged, UserError
@@ -188,6 +188,7 @@ FAMILIES = {
     "gan": ["model=dcgan", *test_gan.TINY, "trainer.max_epochs=3"],
     "pggan": test_pggan.TINY,
     "cyclegan": [*test_cyclegan.TINY, *test_cyclegan.NO_SCORER, "trainer.max_epochs=3"],
+    "vae": [*test_vae.TINY, "trainer.max_epochs=3"],
 }
 
 

@@ -268,7 +268,7 @@ def _swap_scorer(run_cfg: DictConfig, scorer_path: str, ckpt_path: Path) -> None
     if "ckpt_path" not in (run_cfg.model.get("scorer") or {}):
         raise UserError(
             f"scorer_ckpt_path: the run of '{ckpt_path}' has no model.scorer.ckpt_path to replace; "
-            "allowed: GAN and PGGAN runs, which one classifier scores"
+            "allowed: GAN, PGGAN and VAE runs, which one classifier scores"
         )
     load_checkpoint(Path(scorer_path).expanduser(), key="scorer_ckpt_path")  # unreadable files are named as this key
     run_cfg.model.scorer.ckpt_path = scorer_path
