@@ -102,7 +102,7 @@ def test_bad_checkpoints_get_one_line(tmp_path: Path) -> None:
     for script, args, expected in [
         ("train.py", [f"ckpt_path={corrupt}"], "is not a readable checkpoint"),
         ("evaluate.py", [f"ckpt_path={corrupt}"], "found no config.yaml"),
-        ("evaluate.py", [], "Missing mandatory value: ckpt_path"),
+        ("evaluate.py", [], "ckpt_path: missing: the checkpoint to score"),
     ]:
         result = run_script(script, *args, cwd=tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]

@@ -189,6 +189,12 @@ def cross_validate(cfg: DictConfig, output_dir: Path, folds: int) -> dict[str, f
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the model and data from the config saved in the checkpoint's run folder and score it."""
     _check_eval_keys(cfg)
+    if cfg.get("ensemble"):
+        from zoo import ensemble
+
+        return ensemble.evaluate(cfg)
+    if not cfg.get("ckpt_path"):
+        raise UserError("ckpt_path: missing: the checkpoint to score (ckpt_path=<run>/checkpoints/<file>.ckpt)")
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = Path(cfg.ckpt_path)
     run_cfg = saved_run_config(ckpt_path, trust=bool(cfg.get("trust_config", False)))

@@ -1,0 +1,133 @@
+"""`python evaluate.py ensemble=[<ckpt>,<ckpt>,...]`: several runs of one task scored as one model on one test split.
+
+Classifiers are combined by averaging their class probabilities (`ensemble_by=mean`) or by a majority vote of their
+predicted classes (`vote`, ties to the lowest class); regressors by averaging their predictions. Each member's own
+score and the members' mean are printed beside the ensemble's: an ensemble earns its place only by beating them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from zoo.errors import UserError
+
+COMBINERS = ("mean", "vote")
+# data keys that change batching or shuffling but not which rows the test split holds
+BATCHING_KEYS = ("batch_size", "eval_batch_size", "shuffle_seed", "num_workers", "pin_memory", "data_dir")
+
+
+def _member(path: Path, trust: bool) -> tuple[DictConfig, Any, Any]:
+    """A member's run config, its task with the checkpoint's weights, and its data module."""
+    from hydra.utils import instantiate
+
+    from zoo.records import load_lightning_checkpoint, saved_run_config
+    from zoo.run import build_model, check_checkpoint, is_classic
+    from zoo.tasks.classification import ClassificationTask
+    from zoo.tasks.regression import RegressionTask
+
+    run_cfg = saved_run_config(path, trust=trust, key="ensemble")
+    if is_classic(run_cfg):
+        raise UserError(f"ensemble: '{path}' is a scikit-learn or XGBoost run; use model=voting or model=stacking")
+    data = instantiate(run_cfg.data)
+    model = build_model(run_cfg, data)
+    if not isinstance(model, ClassificationTask | RegressionTask):
+        raise UserError(f"ensemble: '{path}' is a {type(model).__name__} run; allowed: classifiers and regressors")
+    check_checkpoint(str(path), model)
+    model.load_state_dict(load_lightning_checkpoint(path)["state_dict"])
+    return run_cfg, model.eval(), data
+
+
+def _test_rows(run_cfg: DictConfig) -> dict[str, Any]:
+    data = OmegaConf.to_container(run_cfg.data, resolve=True)
+    return {k: v for k, v in data.items() if k not in BATCHING_KEYS}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score each member and the ensemble on the first member's test split; write metrics.json."""
+    from zoo.records import write_metrics
+    from zoo.run import format_table
+    from zoo.tasks.classification import ClassificationTask
+
+    paths = [Path(str(p)).expanduser() for p in cfg.ensemble]
+    combine = str(cfg.get("ensemble_by", "mean"))
+    if combine not in COMBINERS:
+        raise UserError(f"ensemble_by: unknown '{combine}'; allowed: {', '.join(COMBINERS)}")
+    if len(paths) < 2:
+        raise UserError(f"ensemble: expected a list of 2 or more checkpoints, got {len(paths)}")
+    members = [_member(path, bool(cfg.get("trust_config", False))) for path in paths]
+    first_cfg, first_model, data = members[0]
+    for path, (run_cfg, model, _) in zip(paths[1:], members[1:]):
+        if type(model) is not type(first_model):
+            raise UserError(
+                f"ensemble: '{path}' is a {type(model).__name__}, '{paths[0]}' a {type(first_model).__name__}"
+            )
+        differing = sorted(
+            key
+            for key in set(_test_rows(run_cfg)) | set(_test_rows(first_cfg))
+            if _test_rows(run_cfg).get(key) != _test_rows(first_cfg).get(key)
+        )
+        if differing:
+            raise UserError(
+                f"ensemble: '{path}' was trained on other data than '{paths[0]}' (data.{', data.'.join(differing)} "
+                "differ); members are scored on one test split"
+            )
+    data.setup("test")
+    if not isinstance(getattr(data, "splits", None), dict) or "test" not in data.splits:
+        raise UserError(
+            f"ensemble: {type(data).__name__} keeps no test split in memory; allowed: tensor and table data"
+        )
+    inputs, targets = data.splits["test"]
+    with torch.no_grad():
+        outputs = torch.stack([_outputs(model, inputs) for _, model, _ in members])
+    if isinstance(first_model, ClassificationTask):
+        metrics = _classification_scores(outputs, targets, combine)
+    else:
+        metrics = _regression_scores(outputs, targets, first_model)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics(output_dir / "metrics.json", metrics)
+    how = combine if isinstance(first_model, ClassificationTask) else "mean"
+    print(f"\ntest split of {paths[0]}: {len(paths)} members combined by {how}")
+    print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
+    return metrics
+
+
+def _outputs(model: Any, inputs: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """Class probabilities (classifiers) or predictions on the target's scale (regressors), in batches."""
+    from zoo.tasks.classification import ClassificationTask
+
+    parts = [model(inputs[start : start + batch]) for start in range(0, len(inputs), batch)]
+    output = torch.cat(parts)
+    return output.softmax(dim=-1) if isinstance(model, ClassificationTask) else output
+
+
+def _classification_scores(probabilities: torch.Tensor, targets: torch.Tensor, combine: str) -> dict[str, float]:
+    """Accuracy of each member, of their mean, and of the ensemble; (members, rows, classes) probabilities."""
+    member_acc = (probabilities.argmax(-1) == targets).float().mean(dim=1)
+    if combine == "mean":
+        predicted = probabilities.mean(dim=0).argmax(-1)
+    else:
+        votes = torch.nn.functional.one_hot(probabilities.argmax(-1), probabilities.shape[-1]).sum(dim=0)
+        predicted = votes.argmax(-1)  # ties go to the lowest class
+    scores = {f"test/acc_member_{i}": float(acc) for i, acc in enumerate(member_acc)}
+    scores["test/acc_members_mean"] = float(member_acc.mean())
+    scores["test/acc"] = float((predicted == targets).float().mean())
+    return scores
+
+
+def _regression_scores(predictions: torch.Tensor, targets: torch.Tensor, model: Any) -> dict[str, float]:
+    """RMSE of each member, of their mean, and of the averaged prediction; the targets come standardized."""
+    mean, std = model.target_scale
+    truth = targets * std + mean
+    member_rmse = (predictions - truth).square().mean(dim=1).sqrt()
+    combined = predictions.mean(dim=0)
+    rmse = float((combined - truth).square().mean().sqrt())
+    r2 = 1 - float((combined - truth).square().sum() / (truth - truth.mean()).square().sum())
+    scores = {f"test/rmse_member_{i}": float(value) for i, value in enumerate(member_rmse)}
+    scores["test/rmse_members_mean"] = float(member_rmse.mean())
+    scores.update({"test/rmse": rmse, "test/r2": r2})
+    return scores
