@@ -57,3 +57,35 @@ def test_fine_tuning_mistakes_are_one_line(train_config, pretrained: Path) -> No
         train(train_config(*SHORT, f"init_from={pretrained}", f"ckpt_path={pretrained}", folder="both"))
     with pytest.raises(UserError, match=r"^freeze: 'net.encoder.\*' matches no parameter; names look like net\."):
         train(train_config(*SHORT, "freeze=[net.encoder.*]", folder="freeze"))
+    with pytest.raises(UserError, match=r"^head_lr_mult: expected a number > 0 with head=\[<parameter patterns>\]"):
+        train(train_config(*SHORT, "head_lr_mult=10", folder="mult"))
+    with pytest.raises(UserError, match=r"^unfreeze_at_epoch: expected an epoch number with freeze="):
+        train(train_config(*SHORT, "unfreeze_at_epoch=1", folder="unfreeze"))
+    with pytest.raises(UserError, match=r"^head: 'net.top.\*' matches no parameter"):
+        train(train_config(*SHORT, "head=[net.top.*]", "head_lr_mult=10", folder="head"))
+
+
+def test_head_trains_at_its_multiple_of_the_learning_rate(train_config) -> None:
+    from zoo.run import _fine_tuning, build_model
+
+    overrides = ("optimizer=sgd", "scheduler=none", "optimizer.lr=0.01", "head=[net.head.*]", "head_lr_mult=10")
+    cfg = train_config(*SHORT, *overrides)
+    model = build_model(cfg)
+    _fine_tuning(cfg, model)
+    optimizer = model.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    head_ids = {id(p) for name, p in model.named_parameters() if name.startswith("net.head.")}
+    head_groups = [g for g in optimizer.param_groups if g["name"].startswith("lr_head")]
+    assert rates["lr"] == pytest.approx(0.01) and all(g["lr"] == pytest.approx(0.1) for g in head_groups)
+    assert {id(p) for g in head_groups for p in g["params"]} == head_ids
+
+
+def test_unfreeze_at_epoch_lets_the_frozen_body_train_from_then_on(train_config, pretrained: Path) -> None:
+    overrides = [*SHORT, f"init_from={pretrained}", "freeze=[net.features_net.*]", "unfreeze_at_epoch=1"]
+    cfg = train_config(*overrides, "trainer.max_epochs=2")
+    train(cfg)
+    before = load_checkpoint(pretrained)["state_dict"]
+    after = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["state_dict"]
+    weights = [k for k in before if k.startswith("net.features_net.") and k.endswith("weight")]
+    assert weights and any(not torch.equal(before[k], after[k]) for k in weights)  # trained in the second epoch

@@ -286,6 +286,24 @@ class FrozenNormsInEval(Callback):
                 module.eval()
 
 
+class Unfreeze(Callback):
+    """`unfreeze_at_epoch`: from that epoch on, the frozen parameters train too and frozen batch-norm layers follow
+    the training mode again. The optimizer holds them from the start (without a gradient they take no step), so
+    nothing about it changes; a resumed run past the epoch unfreezes them again at its first epoch."""
+
+    def __init__(self, epoch: int, parameters: list[torch.nn.Parameter], norms: FrozenNormsInEval) -> None:
+        self.epoch, self.parameters, self.norms = epoch, parameters, norms
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.current_epoch >= self.epoch and not all(p.requires_grad for p in self.parameters):
+            for parameter in self.parameters:
+                parameter.requires_grad_(True)
+            self.norms.modules = []
+            logging.getLogger(__name__).info(
+                "unfroze %d parameter tensors at epoch %d", len(self.parameters), trainer.current_epoch
+            )
+
+
 class GradNorm(Callback):
     """`train/grad_norm`: the global L2 norm of the gradients before clipping, at the loggers' cadence.
 

@@ -4,7 +4,9 @@
 number of classes stays as initialised) and nothing else: the optimizer, schedule, epoch and step counters start
 afresh, which is what `ckpt_path` (resume) would carry over instead. `freeze=[<patterns>]` stops the gradients of
 the parameters whose names match (fnmatch patterns, e.g. `net.features_net.*`); batch-norm layers whose
-parameters are all frozen also keep their running statistics (they stay in eval mode while training).
+parameters are all frozen also keep their running statistics (they stay in eval mode while training), until
+`unfreeze_at_epoch`, if given, lets all of them train. `head=[<patterns>] head_lr_mult=<m>` trains the matching
+parameters at m times the optimizer's learning rate (a new head fast, the pre-trained body slowly).
 """
 
 from __future__ import annotations
@@ -56,16 +58,24 @@ def describe(report: dict[str, list[str]], shown: int = 4) -> str:
     return ", ".join(parts)
 
 
-def freeze(model: Any, patterns: list[str]) -> list[str]:
-    """Turn off the gradients of the parameters matching any pattern; each pattern must match something."""
+def matching(model: Any, patterns: list[str], key: str) -> list[Any]:
+    """The parameters whose names match any of the fnmatch patterns; a pattern that matches nothing is an error."""
     names = [name for name, _ in model.named_parameters()]
-    frozen = set()
+    chosen = set()
     for pattern in patterns:
         matched = fnmatch.filter(names, pattern)
         if not matched:
             examples = ", ".join(names[:4])
-            raise UserError(f"freeze: '{pattern}' matches no parameter; names look like {examples}, ...")
-        frozen.update(matched)
+            raise UserError(f"{key}: '{pattern}' matches no parameter; names look like {examples}, ...")
+        chosen.update(matched)
+    return [parameter for name, parameter in model.named_parameters() if name in chosen]
+
+
+def freeze(model: Any, patterns: list[str]) -> list[str]:
+    """Turn off the gradients of the parameters matching any pattern; each pattern must match something."""
+    names = [name for name, _ in model.named_parameters()]
+    chosen = {id(p) for p in matching(model, patterns, key="freeze")}
+    frozen = {name for name, parameter in model.named_parameters() if id(parameter) in chosen}
     for name, parameter in model.named_parameters():
         if name in frozen:
             parameter.requires_grad_(False)

@@ -10,21 +10,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoo.errors import UserError
 
-def param_groups(module: nn.Module) -> list[dict[str, Any]]:
+
+def param_groups(
+    module: nn.Module, head: set[int] | frozenset[int] = frozenset(), head_lr: float | None = None
+) -> list[dict[str, Any]]:
     """Split parameters so that weight decay skips biases and norm scales (vectors), as in AdamW practice.
 
-    The second group carries weight_decay=0; the first inherits whatever the optimizer config sets.
-    The group names are the logged ones: `train/lr` (and `train/lr_no_decay`).
+    The second group carries weight_decay=0; the first inherits whatever the optimizer config sets. Parameters
+    whose ids are in `head` go to groups of their own at `head_lr` (discriminative learning rates for fine-tuning).
+    Frozen parameters are in the groups too: they get no gradient, so no step, until something unfreezes them.
+    The group names are the logged ones: `train/lr` (and `train/lr_no_decay`, `train/lr_head`, ...).
     """
-    decay, no_decay = [], []
+    groups: dict[str, dict[str, Any]] = {}
     for param in module.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups: list[dict[str, Any]] = [{"params": decay, "name": "lr"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "lr_no_decay"})
-    return groups
+        name = "lr" + ("_head" if id(param) in head else "") + ("" if param.ndim >= 2 else "_no_decay")
+        group = groups.setdefault(name, {"params": [], "name": name})
+        group["params"].append(param)
+        if param.ndim < 2:
+            group["weight_decay"] = 0.0
+        if id(param) in head and head_lr is not None:
+            group["lr"] = head_lr
+    order = ("lr", "lr_no_decay", "lr_head", "lr_head_no_decay")
+    return [groups[name] for name in order if name in groups] or [{"params": [], "name": "lr"}]
 
 
 def warmup_cosine(
@@ -85,4 +94,11 @@ def configure_optimizers(task: Any) -> Any:
     """The optimizer group's optimizer over `task.net` (biases and norms without weight decay), and its schedule."""
     if task.make_optimizer is None:
         raise ValueError("no optimizer given: set the `optimizer` config group, e.g. optimizer=adamw")
-    return with_scheduler(task, task.make_optimizer(params=param_groups(task.net)))
+    head, multiplier = getattr(task, "head_parameters", frozenset()), getattr(task, "head_lr_mult", 1.0)
+    head_lr = None
+    if head and multiplier != 1.0:
+        base = getattr(task.make_optimizer, "keywords", {}).get("lr")
+        if base is None:
+            raise UserError("head_lr_mult: the optimizer config sets no lr to multiply")
+        head_lr = float(base) * multiplier
+    return with_scheduler(task, task.make_optimizer(params=param_groups(task.net, head, head_lr)))

@@ -293,7 +293,8 @@ def _run_eval_mode(cfg: DictConfig, model: Any, ckpt_path: Path, mode: str) -> d
 
 
 def _fine_tuning(cfg: DictConfig, model: Any) -> tuple[Any, ...]:
-    """`init_from` (weights of another run, nothing else) and `freeze` (parameter patterns); the callbacks they need."""
+    """`init_from` (weights of another run, nothing else), `freeze` (parameter patterns) and `unfreeze_at_epoch`,
+    `head` with `head_lr_mult` (discriminative learning rates); the callbacks they need."""
     from zoo import finetune
 
     source, patterns = cfg.get("init_from"), list(cfg.get("freeze") or [])
@@ -302,13 +303,24 @@ def _fine_tuning(cfg: DictConfig, model: Any) -> tuple[Any, ...]:
     if source:
         report = finetune.init_from(model, str(source))
         print(f"init_from {source}: {finetune.describe(report)}")
+    head, multiplier = list(cfg.get("head") or []), float(cfg.get("head_lr_mult", 1.0))
+    if multiplier <= 0 or (multiplier != 1.0 and not head):
+        raise UserError(f"head_lr_mult: expected a number > 0 with head=[<parameter patterns>], got {multiplier}")
+    if head:
+        model.head_parameters = {id(p) for p in finetune.matching(model, head, key="head")}
+        model.head_lr_mult = multiplier
+    unfreeze_at = cfg.get("unfreeze_at_epoch")
+    if unfreeze_at is not None and (not patterns or isinstance(unfreeze_at, bool) or not isinstance(unfreeze_at, int)):
+        raise UserError(f"unfreeze_at_epoch: expected an epoch number with freeze=[<patterns>], got {unfreeze_at!r}")
     if not patterns:
         return ()
-    from zoo.callbacks import FrozenNormsInEval
+    from zoo.callbacks import FrozenNormsInEval, Unfreeze
 
-    finetune.freeze(model, patterns)
-    norms = finetune.frozen_norms(model)
-    return (FrozenNormsInEval(norms),) if norms else ()
+    frozen = finetune.freeze(model, patterns)
+    holder = FrozenNormsInEval(finetune.frozen_norms(model))
+    if unfreeze_at is None:
+        return (holder,) if holder.modules else ()
+    return holder, Unfreeze(unfreeze_at, finetune.matching(model, frozen, key="freeze"), holder)
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = (), **kwargs: Any) -> Any:
