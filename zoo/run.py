@@ -245,7 +245,37 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     write_metrics(output_dir / "metrics.json", metrics)
     print(f"\n{split} metrics of {ckpt_path}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
+    if cfg.get("data_path"):
+        _predict_table_rows(cfg, model, datamodule, output_dir)
     return metrics
+
+
+def _predict_table_rows(cfg: DictConfig, model: Any, datamodule: Any, output_dir: Path) -> None:
+    """`data_path=<csv>` for a neural run on a table: the rows with their predictions, as for XGBoost's runs."""
+    import torch
+
+    from zoo.classic.run import write_predictions
+    from zoo.data.tabular import TabularDataModule
+    from zoo.tasks.classification import ClassificationTask
+
+    if not isinstance(datamodule, TabularDataModule):
+        raise UserError(
+            f"data_path: new rows are predicted for table runs (data=breast_cancer, diabetes, tabular_csv, ...); "
+            f"this run's data is {type(datamodule).__name__}"
+        )
+
+    def predict_rows(rows: Any) -> Any:
+        x = torch.as_tensor(datamodule.table.encoded(rows), dtype=torch.float32)
+        x = ((x - datamodule.mean) / datamodule.std).nan_to_num(0.0)
+        if getattr(datamodule, "projection", None) is not None:
+            x = x @ datamodule.projection
+        with torch.no_grad():
+            output = model.cpu().eval()(x)
+        return (output.softmax(-1) if isinstance(model, ClassificationTask) else output).numpy()
+
+    target = Path(cfg.get("predictions") or output_dir / "predictions.csv")
+    rows = write_predictions(predict_rows, datamodule.table, Path(str(cfg.data_path)).expanduser(), target)
+    print(f"wrote {rows} predictions to {target}")
 
 
 # evaluate.py's counts: the key, the smallest value allowed, and whether null is allowed
