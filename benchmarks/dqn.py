@@ -2,7 +2,8 @@
 
 Why: an RL result moves a lot with the seed, so a recipe is judged over seeds, by the greedy return of the policy a
 run ends with (test/return, 20 held-out episodes); the best-by-validation checkpoint's score is printed beside it
-(test/return_best_val), never instead. And Lightning's loop must not cost the DQN much speed: a plain PyTorch DQN
+(test/return_best_val), never instead; the validation returns of every epoch are printed too, as recipes are chosen on
+them, never on test/return. And Lightning's loop must not cost the DQN much speed: a plain PyTorch DQN
 loop written here (one file's worth, CleanRL-style) and the zoo run the same settings in this process, alternately,
 on the same thread count; the ratio is printed for the learning-free phase (acting and storing only) and for the
 whole run.
@@ -55,6 +56,7 @@ class TrainingClock:
     def reset(self, learning_starts: int) -> None:
         self.seconds, self.steps, self.learning_starts = 0.0, 0, learning_starts
         self.free_seconds, self.free_steps = math.nan, 0
+        self.val_returns: list[float] = []  # each evaluation's val/return: how a recipe is chosen, never test/return
 
     def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
         self._start, self._steps, self._validating = time.perf_counter(), module.env_steps, 0.0
@@ -70,6 +72,8 @@ class TrainingClock:
     def on_validation_end(self, trainer: Any, module: Any) -> None:
         if hasattr(self, "_start"):
             self._validating += time.perf_counter() - self._validation_start
+        if "val/return" in trainer.callback_metrics:
+            self.val_returns.append(float(trainer.callback_metrics["val/return"]))
 
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
         self.seconds += time.perf_counter() - self._start - self._validating
@@ -108,6 +112,7 @@ def run_zoo(experiment: str, seed: int, output_dir: Path, extra: list[str]) -> d
     metrics["steps_per_s"] = timer.steps / max(timer.seconds, 1e-9)
     metrics["free_steps_per_s"] = timer.free_steps / timer.free_seconds
     metrics["test_episodes"] = int(cfg.data.test_episodes)
+    metrics["val_returns"] = list(timer.val_returns)
     return metrics
 
 
@@ -196,7 +201,8 @@ def seed_rows(args: argparse.Namespace, root: Path) -> None:
             f"(final policy, {metrics['test_episodes']} episodes)  "
             f"test/return_best_val {metrics.get('test/return_best_val', math.nan):6.1f}  "
             f"last val/return {metrics['val/return']:6.1f}  env steps {int(metrics['train/env_steps'])}  "
-            f"{metrics['train/steps_per_second']:5.0f} steps/s  {metrics['wall_s']:4.0f} s",
+            f"{metrics['train/steps_per_second']:5.0f} steps/s  {metrics['wall_s']:4.0f} s\n"
+            f"  val/return by epoch: {' '.join(f'{v:.0f}' for v in metrics['val_returns'])}",
             flush=True,
         )
     if not rows:
@@ -211,6 +217,9 @@ def seed_rows(args: argparse.Namespace, root: Path) -> None:
         f"mean ± std over {len(rows)} seeds: test/return {spread('test/return')}, test/return_best_val "
         f"{spread('test/return_best_val')}, steps/s {spread('train/steps_per_second')}, wall {spread('wall_s')} s"
     )
+    worst = min(rows, key=lambda r: r["test/return"])
+    print(f"worst seed: {seeds[rows.index(worst)]} (test/return {worst['test/return']:.1f}); val/return at the end "
+          f"{spread('val/return')}")  # fmt: skip
     target = TARGETS.get(args.experiment)
     if target:
         reached = sum(r["test/return"] >= target for r in rows)
