@@ -165,3 +165,19 @@ def test_xgboost_joins_an_ensemble_and_its_file_loads(train_config, tmp_path: Pa
     predictions = pd.read_csv(tmp_path / "eval_xgb_member" / "predictions.csv")
     assert len(predictions) == 12 and set(predictions["prediction"]) <= {"yes", "no"}
     assert np.allclose(predictions["probability_no"] + predictions["probability_yes"], 1.0)
+
+
+def test_a_forest_without_validation_rows_reports_its_out_of_bag_scores(train_config) -> None:
+    cfg = train_config("experiment=rf_breast_cancer", "model.n_estimators=50", "logger=none")
+    assert cfg.data.val_fraction == 0 and cfg.model.oob_score
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    fitted = estimators.load(Path(cfg.paths.output_dir) / estimators.MODEL_FILE)
+    # val/acc is the forest's own out-of-bag accuracy on the training rows, every one of which it was fitted on
+    assert metrics["val/acc"] == pytest.approx(fitted[-1].oob_score_) and 0.9 < metrics["val/acc"] < 1.0
+    assert {"val/loss", "val/roc_auc", "val/acc_best"} <= set(metrics)
+    without = train_config("experiment=rf_breast_cancer", "model.oob_score=false", "logger=none", folder="plain")
+    train(without)
+    assert not any(
+        k.startswith("val/") for k in json.loads((Path(without.paths.output_dir) / "metrics.json").read_text())
+    )

@@ -164,9 +164,21 @@ def fit_and_test(cfg: Any, output_dir: Path, model: Estimator, table: Any) -> tu
     for name, (x, y) in splits.items():
         if len(y) and (name != "test" or cfg.get("test", True)):
             metrics.update(score(table.task, y, outputs(fitted, table.task, table.encoded(x)), name, table.num_classes))
+    if not len(splits["val"][1]) and getattr(fitted[-1], "oob_score", False):  # no val rows: the out-of-bag ones
+        metrics.update(score(table.task, y_train, out_of_bag(fitted[-1], table.task), "val", table.num_classes))
     if "val/acc" in metrics:
         metrics["val/acc_best"] = metrics["val/acc"]
     return metrics, fitted
+
+
+def out_of_bag(forest: Any, task: str) -> np.ndarray:
+    """A bagged forest's out-of-bag outputs on its training rows (each row scored by the trees that never drew it),
+    in the layout of `outputs`: with `data.val_fraction=0` and `model.oob_score=true` they are the validation figures
+    (Breiman, 2001), so the forest fits on every training row and still reports val/ metrics."""
+    if task == "regression":
+        return forest.oob_prediction_
+    proba = np.nan_to_num(forest.oob_decision_function_, nan=1.0 / forest.n_classes_)  # rows no tree left out
+    return proba[:, 1] if task == "binary" else proba
 
 
 def outputs(fitted: Any, task: str, x: np.ndarray) -> np.ndarray:
