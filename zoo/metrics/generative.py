@@ -1,7 +1,8 @@
 """Scores of generated samples from a domain classifier's outputs, so that no Inception weights are needed.
 
 Given a classifier trained on the real data, its penultimate features of real and generated images give a
-domain Fréchet distance (FID with the classifier in Inception's place), and its class probabilities of the
+domain Fréchet distance (FID with the classifier in Inception's place, with a bootstrap interval) and k-NN precision
+and recall in that feature space, and its class probabilities of the
 generated images give an Inception-style score, class coverage, the KL divergence of the generated class
 histogram to uniform (mode collapse raises it) and the mean confidence (blurry or alien samples lower it).
 """
@@ -68,12 +69,69 @@ def mean_confidence(probs: torch.Tensor) -> float:
     return float(probs.detach().max(1).values.double().mean())
 
 
+def _kth_neighbour_radii(features: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Each point's distance to its k-th nearest other point of the same set."""
+    radii = []
+    for start in range(0, len(features), chunk):
+        distances = torch.cdist(features[start : start + chunk], features)
+        radii.append(distances.kthvalue(k + 1, dim=1).values)  # the (k+1)-th smallest counts the point itself
+    return torch.cat(radii)
+
+
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Whether each point lies in the union of the balls (centre, radius)."""
+    found = []
+    for start in range(0, len(points), chunk):
+        distances = torch.cdist(points[start : start + chunk], centres)
+        found.append((distances <= radii[None, :]).any(dim=1))
+    return torch.cat(found)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) of (N, D) feature sets.
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest neighbour. Precision is
+    the share of generated samples inside the real manifold (are they realistic?), recall the share of real samples
+    inside the generated one (is the real variety covered?): a collapsed generator keeps precision and loses recall,
+    noise loses precision; FID mixes the two into one number.
+    """
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision and recall with k={k} need more than {k} samples of each set")
+    real, fake = real.detach().float().cpu(), fake.detach().float().cpu()
+    precision = _inside(fake, real, _kth_neighbour_radii(real, k)).float().mean()
+    recall = _inside(real, fake, _kth_neighbour_radii(fake, k)).float().mean()
+    return float(precision), float(recall)
+
+
+def fid_interval(
+    real: torch.Tensor, fake: torch.Tensor, draws: int = 100, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """A bootstrap interval of the Fréchet distance: both sets resampled with replacement `draws` times.
+
+    Why: FID has a bias and a spread that depend on the sample count; two runs whose scores differ by less than this
+    interval's width are a tie.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(draws):
+        real_rows = torch.randint(len(real), (len(real),), generator=generator)
+        fake_rows = torch.randint(len(fake), (len(fake),), generator=generator)
+        values.append(frechet_distance(real[real_rows], fake[fake_rows]))
+    low, high = torch.tensor(values, dtype=torch.float64).quantile(
+        torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    )
+    return float(low), float(high)
+
+
 def generative_scores(
     real_features: torch.Tensor, fake_features: torch.Tensor, fake_probs: torch.Tensor, min_share: float = 0.0
 ) -> dict[str, float]:
     """Every score at once, named as the tasks log them (`<split>/<name>`)."""
+    scores = {"fid": frechet_distance(real_features, fake_features)}
+    if min(len(real_features), len(fake_features)) > 3:  # k-NN manifolds with k = 3 (a tiny test run has fewer)
+        scores["precision"], scores["recall"] = precision_recall(real_features, fake_features, k=3)
     return {
-        "fid": frechet_distance(real_features, fake_features),
+        **scores,
         "inception_score": inception_score(fake_probs),
         "coverage": float(class_coverage(fake_probs, min_share)),
         "kl_uniform": kl_to_uniform(fake_probs),

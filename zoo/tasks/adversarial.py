@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric, MinMetric
 from zoo.callbacks import last_good_checkpoint
 from zoo.errors import TrainingDiverged, UserError
 from zoo.internals import is_batch_norm
-from zoo.metrics.generative import frechet_distance, generative_scores
+from zoo.metrics.generative import fid_interval, frechet_distance, generative_scores
 from zoo.metrics.scorer import DomainScorer, load_or_train_scorer
 from zoo.tasks import figures
 
@@ -351,11 +351,14 @@ class AdversarialTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         if not self._scored.get("real"):
             return
-        real = torch.cat(self._scored["real"])
+        real, fake = torch.cat(self._scored["real"]), torch.cat(self._scored["fake"])
         floor = frechet_distance(real[0::2], real[1::2])  # two halves of the real test set
+        low, high = fid_interval(real, fake)
         for name, value in self._scores().items():
             self.log(f"test/{name}", value)
         self.log("test/fid_real_floor", floor)
+        self.log("test/fid_low", low)  # the 95% bootstrap interval of test/fid
+        self.log("test/fid_high", high)
 
     # ---- exact resume ------------------------------------------------------------------------------------------
 

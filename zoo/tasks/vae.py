@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric, MinMetric
 
 from zoo.errors import UserError
-from zoo.metrics.generative import frechet_distance, generative_scores
+from zoo.metrics.generative import fid_interval, frechet_distance, generative_scores
 from zoo.metrics.scorer import DomainScorer, load_or_train_scorer
 from zoo.optim import configure_optimizers
 from zoo.tasks import figures
@@ -358,7 +358,9 @@ class VAETask(L.LightningModule):
             fake.append(features)
             probs.append(p)
             hits += int((p.argmax(1) == labels).sum())
-        scores = generative_scores(real_features, torch.cat(fake), torch.cat(probs), self.min_class_share)
+        fake_features = torch.cat(fake)
+        scores = generative_scores(real_features, fake_features, torch.cat(probs), self.min_class_share)
+        scores["fid_low"], scores["fid_high"] = fid_interval(real_features, fake_features)  # 95% bootstrap interval
         if self.conditional:
             scores["conditional_acc"] = hits / self.score_samples
         return scores

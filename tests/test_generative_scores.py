@@ -1,0 +1,72 @@
+"""The generative scores against cases worked out by hand and against a reference computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zoo.metrics.generative import fid_interval, frechet_distance, generative_scores, precision_recall
+
+
+def test_precision_and_recall_on_a_case_worked_by_hand() -> None:
+    # k = 1 in one dimension. Real points 0, 1, 3 reach their nearest neighbours at 1, 1, 2: the real manifold is
+    # [-1, 1] u [0, 2] u [1, 5] = [-1, 5], which holds the fakes 0.5 and 4.5 but not 7: precision 2/3.
+    # Fakes 0.5, 4.5, 7 reach 4, 2.5, 2.5: [-3.5, 4.5] u [2, 7] u [4.5, 9.5] holds every real point: recall 1.
+    real, fake = torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.5], [4.5], [7.0]])
+    precision, recall = precision_recall(real, fake, k=1)
+    assert precision == pytest.approx(2 / 3) and recall == pytest.approx(1.0)
+
+
+def test_precision_and_recall_tell_collapse_from_noise() -> None:
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(600, 8, generator=generator)
+    collapsed = real[:20].repeat(30, 1) + 0.01 * torch.randn(600, 8, generator=generator)  # realistic, no variety
+    noise = 6 * torch.randn(600, 8, generator=generator)  # spread everywhere, mostly off the data
+    p_same, r_same = precision_recall(real, torch.randn(600, 8, generator=generator))
+    p_collapsed, r_collapsed = precision_recall(real, collapsed)
+    p_noise, _ = precision_recall(real, noise)
+    assert p_same > 0.8 and r_same > 0.8
+    assert p_collapsed > 0.95 and r_collapsed < 0.3
+    assert p_noise < 0.1
+
+
+def test_frechet_distance_matches_scipys_matrix_square_root_with_non_commuting_covariances() -> None:
+    from scipy import linalg
+
+    generator = torch.Generator().manual_seed(1)
+    real = torch.randn(500, 4, generator=generator, dtype=torch.float64) @ torch.tensor(
+        [[2.0, 0.5, 0, 0], [0, 1.0, 0.3, 0], [0, 0, 0.5, 0], [0.1, 0, 0, 1.5]], dtype=torch.float64
+    )
+    fake = (
+        torch.randn(400, 4, generator=generator, dtype=torch.float64)
+        @ torch.tensor([[1.0, 0, 0.7, 0], [0, 2.0, 0, 0], [0.4, 0, 1.0, 0], [0, 0.2, 0, 0.5]], dtype=torch.float64)
+        + 0.3
+    )
+    cov_r, cov_f = np.cov(real.numpy().T), np.cov(fake.numpy().T)
+    assert not np.allclose(cov_r @ cov_f, cov_f @ cov_r)  # the case where a naive sqrt(S_r) sqrt(S_f) is wrong
+    root = linalg.sqrtm(cov_r @ cov_f).real
+    mean_term = float(((real.mean(0) - fake.mean(0)) ** 2).sum())
+    reference = mean_term + np.trace(cov_r) + np.trace(cov_f) - 2 * np.trace(root)
+    assert frechet_distance(real, fake) == pytest.approx(reference, rel=1e-8)
+
+
+def test_the_bootstrap_interval_holds_the_estimate_and_separates_a_real_shift() -> None:
+    generator = torch.Generator().manual_seed(2)
+    real = torch.randn(400, 6, generator=generator)
+    same = torch.randn(400, 6, generator=generator)
+    shifted = torch.randn(400, 6, generator=generator) + 1.0  # FID about 6 (the squared mean shift)
+    low, high = fid_interval(real, same, draws=50)
+    assert 0 <= low < high < 1.0
+    low_shift, high_shift = fid_interval(real, shifted, draws=50)
+    assert low_shift <= frechet_distance(real, shifted) <= high_shift and low_shift > high
+    assert fid_interval(real, shifted, draws=50) == (low_shift, high_shift)  # the same seed, the same interval
+
+
+def test_generative_scores_carry_precision_and_recall() -> None:
+    generator = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(100, 5, generator=generator), torch.randn(100, 5, generator=generator)
+    probs = torch.full((100, 10), 0.1)
+    scores = generative_scores(real, fake, probs)
+    assert {"fid", "precision", "recall", "coverage", "kl_uniform", "confidence"} <= set(scores)
+    assert 0 < scores["precision"] <= 1 and 0 < scores["recall"] <= 1
