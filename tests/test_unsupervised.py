@@ -163,3 +163,22 @@ def test_a_labelled_csv_becomes_an_anomaly_table(train_config, tmp_path: Path) -
     train(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert 0.05 < metrics["train/anomaly_share"] < 0.15 and "test/f1" in metrics, metrics
+
+
+@pytest.mark.parametrize("experiment", ["kmeans_digits", "pca_digits", "anomaly_digits"])
+def test_evaluate_restores_the_fitted_model_and_reproduces_its_test_metrics(
+    train_config, tmp_path: Path, experiment: str
+) -> None:
+    from tests.conftest import compose_config
+    from zoo.run import evaluate
+
+    cfg = train_config(f"experiment={experiment}", "logger=none")
+    train(cfg)
+    trained = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    model_file = Path(cfg.paths.output_dir) / "model.pt"
+    eval_cfg = compose_config("eval", [f"ckpt_path={model_file}", "extras.print_config=false"], tmp_path)
+    eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    scored = evaluate(eval_cfg)
+    tested = {k: v for k, v in trained.items() if k.startswith("test/")}
+    assert tested and set(tested) <= set(scored)
+    assert all(scored[k] == pytest.approx(v, rel=1e-6, abs=1e-9) for k, v in tested.items()), (tested, scored)

@@ -217,11 +217,18 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
     split = cfg.get("split", "test")
     if split not in ("test", "val"):
         raise UserError(f"split: unknown '{split}'; allowed: test, val")
-    if ckpt_path.suffix == ".pt":
-        raise UserError(
-            f"ckpt_path: k-means, PCA and anomaly runs are scored as they fit; see metrics.json beside '{ckpt_path}'"
-        )
     table = table_from_config(_data_from_launch_folder(run_cfg.data, ckpt_path))
+    if ckpt_path.suffix == ".pt":  # k-means, PCA, Gaussian anomaly: their fitted tensors
+        model = unsupervised.restore(build_model(run_cfg), ckpt_path)
+        x, y = table.splits()[split]
+        if not len(y):
+            raise UserError(f"split: the run's {split} split is empty (data.{split}_fraction is 0)")
+        metrics = unsupervised.score_split(model, table.encoded(x), y, split, table.task)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics(output_dir / "metrics.json", metrics)
+        print(f"\n{split} metrics of {ckpt_path}")
+        print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
+        return metrics
     if ckpt_path.suffix == ".skops":
         fitted = estimators.load(ckpt_path)
         if getattr(fitted, "n_features_in_", table.encoded_width) != table.encoded_width:

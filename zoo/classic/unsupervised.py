@@ -280,7 +280,6 @@ def _fit_and_test_anomaly(
     import io
 
     import torch
-    from sklearn import metrics as skm
 
     from zoo.records import atomic_write_bytes
 
@@ -297,14 +296,52 @@ def _fit_and_test_anomaly(
         model.choose_epsilon(np.nan_to_num(splits["val"][0], nan=0.0), splits["val"][1])
     metrics: dict[str, float] = {"train/log_epsilon": model.log_epsilon}
     for name, (x, y) in splits.items():
-        predicted = model.predict(np.nan_to_num(x, nan=0.0))
-        metrics[f"{name}/precision"] = float(skm.precision_score(y, predicted, zero_division=0))
-        metrics[f"{name}/recall"] = float(skm.recall_score(y, predicted, zero_division=0))
-        metrics[f"{name}/f1"] = float(skm.f1_score(y, predicted, zero_division=0))
-        metrics[f"{name}/anomaly_share"] = float(np.mean(y))
+        metrics.update(_anomaly_scores(model, x, y, name))
     output_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     tensors = {"mean": model.mean.cpu(), "precision": model.precision.cpu(), "log_epsilon": model.log_epsilon}
     torch.save(tensors, buffer)
     atomic_write_bytes(output_dir / "model.pt", buffer.getvalue())
     return metrics
+
+
+def _anomaly_scores(model: GaussianAnomaly, x: np.ndarray, y: np.ndarray, split: str) -> dict[str, float]:
+    from sklearn import metrics as skm
+
+    predicted = model.predict(np.nan_to_num(x, nan=0.0))
+    return {
+        f"{split}/precision": float(skm.precision_score(y, predicted, zero_division=0)),
+        f"{split}/recall": float(skm.recall_score(y, predicted, zero_division=0)),
+        f"{split}/f1": float(skm.f1_score(y, predicted, zero_division=0)),
+        f"{split}/anomaly_share": float(np.mean(y)),
+    }
+
+
+def restore(model: KMeans | PCA | GaussianAnomaly, path: Path) -> KMeans | PCA | GaussianAnomaly:
+    """The fitted state of a run's model.pt (tensors only, loaded weights-only) put back into a fresh model."""
+    import torch
+
+    from zoo.records import load_checkpoint
+
+    tensors = load_checkpoint(path)
+    expected = {KMeans: {"centroids"}, PCA: {"mean", "components"}, GaussianAnomaly: {"mean", "precision"}}
+    if not expected[type(model)] <= set(tensors):
+        raise UserError(f"ckpt_path: '{path}' is not the model.pt of a {type(model).__name__} run")
+    if isinstance(model, KMeans):
+        model.centroids = tensors["centroids"].to(model.device)
+    elif isinstance(model, PCA):
+        model.mean, model.components = tensors["mean"].to(model.device), tensors["components"].to(model.device)
+    else:
+        model.mean, model.precision = tensors["mean"].to(model.device), tensors["precision"].to(model.device)
+        model.log_epsilon = float(tensors["log_epsilon"])
+        dims = len(model.precision)
+        model.log_norm = -0.5 * (dims * math.log(2 * math.pi) - float(torch.logdet(model.precision)))
+    return model
+
+
+def score_split(model: KMeans | PCA | GaussianAnomaly, x: np.ndarray, y: np.ndarray, split: str, task: str) -> dict:
+    """A restored model's metrics on one split, named as the run logged them."""
+    x = np.nan_to_num(x, nan=0.0)
+    if isinstance(model, GaussianAnomaly):
+        return _anomaly_scores(model, x, y, split)
+    return _scores(model, x, y, split, task)
