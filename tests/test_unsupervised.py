@@ -182,3 +182,26 @@ def test_evaluate_restores_the_fitted_model_and_reproduces_its_test_metrics(
     tested = {k: v for k, v in trained.items() if k.startswith("test/")}
     assert tested and set(tested) <= set(scored)
     assert all(scored[k] == pytest.approx(v, rel=1e-6, abs=1e-9) for k, v in tested.items()), (tested, scored)
+
+
+def test_validation_curve_reads_a_finished_sweep_and_names_the_best_value(tmp_path: Path) -> None:
+    from zoo import curves
+
+    sweep = tmp_path / "multirun"
+    scores = {0.0: (0.99, 0.90), 0.01: (0.97, 0.94), 1.0: (0.80, 0.79)}  # over-fit, right, under-fit
+    for index, (decay, seed) in enumerate((d, s) for d in scores for s in (1, 2)):
+        run = sweep / str(index)
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"seed: {seed}\noptimizer:\n  weight_decay: {decay}\n")
+        train_acc, val_acc = scores[decay]
+        metrics = {"train/acc": train_acc, "val/acc": val_acc + 0.01 * seed, "val/loss": 0.5}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    results = curves.validation([f"folder={sweep}", "key=optimizer.weight_decay"])
+    assert list(results) == [0.0, 0.01, 1.0] and results[0.01]["val"] == [0.95, 0.96]
+    assert (sweep / "validation.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="key: 'optimizer.lr' is not in"):
+        curves.validation([f"folder={sweep}", "key=optimizer.lr"])
+    with pytest.raises(UserError, match="logged no train/loss; allowed: acc, loss"):
+        curves.validation([f"folder={sweep}", "key=optimizer.weight_decay", "metric=loss"])
+    with pytest.raises(UserError, match="holds no finished runs"):
+        curves.validation([f"folder={tmp_path / 'nothing'}", "key=seed"])

@@ -9,6 +9,11 @@ diagnosis: high bias (both scores poor and close together) or high variance (a g
 elbow: `python -m zoo.curves elbow experiment=kmeans_digits ks=[2..15]`: k-means inertia (and silhouette) of the
 training rows for each k in `ks` (a list, or [low..high] for every k between them), as a table and `elbow.png`.
 
+validation: `python -m zoo.curves validation folder=<multirun folder> key=optimizer.weight_decay [metric=acc]` reads
+a finished sweep (`train.py -m ... optimizer.weight_decay=0,1e-4,1e-3,1e-2 seed=1,2,3`) and draws the training and
+validation metric against the swept key's value, mean ± std over the runs that share it (`validation.png` in the
+sweep's folder), naming the value with the best validation score; nothing is trained.
+
 Other arguments are Hydra overrides of the experiment, as for train.py.
 """
 
@@ -26,9 +31,10 @@ from zoo.errors import UserError
 
 USAGE = (
     "usage: python -m zoo.curves learning experiment=<name> sizes=[0.1,0.5,1.0] seeds=3 [metric=acc] [key=value ...]\n"
-    "       python -m zoo.curves elbow experiment=<name> ks=[2..15] [key=value ...]"
+    "       python -m zoo.curves elbow experiment=<name> ks=[2..15] [key=value ...]\n"
+    "       python -m zoo.curves validation folder=<multirun folder> key=<swept key> [metric=acc]"
 )
-CURVES = ("learning", "elbow")
+CURVES = ("learning", "elbow", "validation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args[0] not in CURVES:
             raise UserError(f"curve: unknown '{args[0]}'; allowed: {', '.join(CURVES)}")
-        (learning if args[0] == "learning" else elbow)(args[1:])
+        {"learning": learning, "elbow": elbow, "validation": validation}[args[0]](args[1:])
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -221,6 +227,71 @@ def elbow(args: list[str]) -> dict[int, tuple[float, float]]:
         print(f"{k:>4}  {inertia:>12.6g}  {silhouette:.4f}")
     print(f"elbow curve written to {folder / 'elbow.png'}")
     return results
+
+
+def validation(args: list[str]) -> dict[Any, dict[str, list[float]]]:
+    """Train and validation `metric` of a finished sweep's runs against the value of the swept `key`."""
+    from omegaconf import OmegaConf
+
+    folder_text, args = _take(args, "folder", "")
+    key, args = _take(args, "key", "")
+    metric, args = _take(args, "metric", "acc")
+    if args or not folder_text or not key:
+        raise UserError(f"validation: expected folder=<multirun folder> key=<swept key> [metric=acc], got {args}")
+    folder = Path(folder_text).expanduser()
+    runs = sorted(p for p in folder.glob("*") if (p / "metrics.json").is_file() and (p / "config.yaml").is_file())
+    if not runs:
+        raise UserError(f"folder: '{folder}' holds no finished runs (sub-folders with metrics.json and config.yaml)")
+    results: dict[Any, dict[str, list[float]]] = {}
+    for run in runs:
+        value = OmegaConf.select(OmegaConf.load(run / "config.yaml"), key, default="<missing>")
+        if value == "<missing>":
+            raise UserError(f"key: '{key}' is not in {run / 'config.yaml'}")
+        logged = json.loads((run / "metrics.json").read_text())
+        for split in ("train", "val"):
+            if f"{split}/{metric}" not in logged:
+                allowed = sorted({k.split("/", 1)[1] for k in logged if k.startswith("val/")})
+                raise UserError(f"metric: {run} logged no {split}/{metric}; allowed: {', '.join(allowed)}")
+            results.setdefault(value, {"train": [], "val": []})[split].append(float(logged[f"{split}/{metric}"]))
+    values = sorted(
+        results, key=lambda v: (not isinstance(v, int | float), v if isinstance(v, int | float) else str(v))
+    )
+    results = {v: results[v] for v in values}
+    pick = max if metric not in LOWER_IS_BETTER else min
+    best = pick(results, key=lambda v: float(np.mean(results[v]["val"])))
+    _plot_validation(results, key, metric, folder / "validation.png")
+    print(f"{key:>24}  {'runs':>4}  {'train/' + metric:>16}  {'val/' + metric:>16}")
+    for value, entry in results.items():
+        print(f"{value!s:>24}  {len(entry['val']):>4}  {_mean_std(entry['train']):>16}  {_mean_std(entry['val']):>16}")
+    print(f"best on validation: {key}={best} (val/{metric} {_mean_std(results[best]['val'])})")
+    print(f"validation curve written to {folder / 'validation.png'}")
+    return results
+
+
+def _plot_validation(results: dict[Any, dict[str, list[float]]], key: str, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = list(results)
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    positions = [float(v) for v in values] if numeric else list(range(len(values)))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+        mean = np.array([np.mean(results[v][split]) for v in values])
+        spread = np.array([np.std(results[v][split]) for v in values])
+        axes.plot(positions, mean, marker="o", color=colour, label=f"{split}/{metric}")
+        axes.fill_between(positions, mean - spread, mean + spread, color=colour, alpha=0.2)
+    if numeric and min(positions) > 0 and max(positions) / min(positions) >= 100:
+        axes.set_xscale("log")
+    if not numeric:
+        axes.set_xticks(positions, [str(v) for v in values])
+    axes.set(xlabel=key, ylabel=metric, title=f"validation curve over {key}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def _plot(results: dict[int, tuple[float, float]], path: Path, title: str) -> None:
