@@ -169,6 +169,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.4f}"
 
 
+def _train_and_val_bands(axes: Any, positions: list[float], entries: list[dict[str, list[float]]], metric: str) -> None:
+    """The training and validation metric at each position: the mean over runs, and a ± std band."""
+    for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+        mean = np.array([np.mean(entry[split]) for entry in entries])
+        spread = np.array([np.std(entry[split]) for entry in entries])
+        axes.plot(positions, mean, marker="o", color=colour, label=f"{split}/{metric}")
+        axes.fill_between(positions, mean - spread, mean + spread, color=colour, alpha=0.2)
+
+
 def _plot_learning(
     results: dict[float, dict[str, list[float]]], metric: str, path: Path, title: str, verdict: str
 ) -> None:
@@ -179,11 +188,7 @@ def _plot_learning(
 
     rows = [float(np.mean(results[s]["rows"])) for s in results]
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
-        mean = np.array([np.mean(results[s][split]) for s in results])
-        spread = np.array([np.std(results[s][split]) for s in results])
-        axes.plot(rows, mean, marker="o", color=colour, label=f"{split}/{metric}")
-        axes.fill_between(rows, mean - spread, mean + spread, color=colour, alpha=0.2)
+    _train_and_val_bands(axes, rows, list(results.values()), metric)
     axes.set(xlabel="training rows", ylabel=metric, title=f"{title}: learning curve")
     axes.legend()
     figure.text(0.01, 0.01, verdict[:110], fontsize=7)
@@ -278,11 +283,7 @@ def _plot_validation(results: dict[Any, dict[str, list[float]]], key: str, metri
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     positions = [float(v) for v in values] if numeric else list(range(len(values)))
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
-        mean = np.array([np.mean(results[v][split]) for v in values])
-        spread = np.array([np.std(results[v][split]) for v in values])
-        axes.plot(positions, mean, marker="o", color=colour, label=f"{split}/{metric}")
-        axes.fill_between(positions, mean - spread, mean + spread, color=colour, alpha=0.2)
+    _train_and_val_bands(axes, positions, list(results.values()), metric)
     if numeric and min(positions) > 0 and max(positions) / min(positions) >= 100:
         axes.set_xscale("log")
     if not numeric:
