@@ -65,11 +65,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             raise UserError(
                 f"ensemble: '{path}' is a {type(model).__name__}, '{paths[0]}' a {type(first_model).__name__}"
             )
-        differing = sorted(
-            key
-            for key in set(_test_rows(run_cfg)) | set(_test_rows(first_cfg))
-            if _test_rows(run_cfg).get(key) != _test_rows(first_cfg).get(key)
-        )
+        mine, theirs = _test_rows(run_cfg), _test_rows(first_cfg)
+        differing = sorted(key for key in set(mine) | set(theirs) if mine.get(key) != theirs.get(key))
         if differing:
             raise UserError(
                 f"ensemble: '{path}' was trained on other data than '{paths[0]}' (data.{', data.'.join(differing)} "

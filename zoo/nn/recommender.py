@@ -372,7 +372,20 @@ def als_sweep(
     net.item_bias.weight.copy_(solution[:, rank:])
 
 
-class ImplicitMF(nn.Module):
+class KnownIds:
+    """Which user and item ids had training data (`user_known`, `item_known` buffers), set from the data: an
+    implicit net scores ids without training rows as unknown rather than by their random initialisation."""
+
+    user_known: torch.Tensor
+    item_known: torch.Tensor
+
+    @torch.no_grad()
+    def set_known(self, user_known: torch.Tensor, item_known: torch.Tensor) -> None:
+        self.user_known.copy_(user_known)
+        self.item_known.copy_(item_known)
+
+
+class ImplicitMF(KnownIds, nn.Module):
     """Implicit-feedback MF for ranking: s(u, i) = b_i + <p_u, q_i> (a user bias cannot change a user's ranking).
 
     Trained with BPR (Rendle et al., 2009) or a logistic loss on sampled negatives; `items` may be (B,)
@@ -400,11 +413,6 @@ class ImplicitMF(nn.Module):
         nn.init.zeros_(self.item_bias.weight)
         self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
         self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
-
-    @torch.no_grad()
-    def set_known(self, user_known: torch.Tensor, item_known: torch.Tensor) -> None:
-        self.user_known.copy_(user_known)
-        self.item_known.copy_(item_known)
 
     def _users(self, users: torch.Tensor) -> torch.Tensor:
         users, user_ok = _known(users, self.user_known)
@@ -444,7 +452,7 @@ def _tower(width: int, hidden: Sequence[int], dim: int, dropout: float) -> nn.Se
     return nn.Sequential(*layers)
 
 
-class TwoTower(nn.Module):
+class TwoTower(KnownIds, nn.Module):
     """Content-based two-tower model: MLP(user id embedding ++ user features) and MLP(item id ++ genres).
 
     Both outputs are L2-normalized, so the score is a cosine similarity divided by `temperature`.
@@ -485,11 +493,6 @@ class TwoTower(nn.Module):
         self.user_tower = _tower(id_dim + user_features.shape[1], hidden, dim, dropout)
         self.item_tower = _tower(id_dim + item_features.shape[1], hidden, dim, dropout)
         self.sparse = False
-
-    @torch.no_grad()
-    def set_known(self, user_known: torch.Tensor, item_known: torch.Tensor) -> None:
-        self.user_known.copy_(user_known)
-        self.item_known.copy_(item_known)
 
     def _encode(
         self,
@@ -536,7 +539,7 @@ class TwoTower(nn.Module):
         return self.item_vectors(torch.arange(len(self.item_known), device=self.item_known.device))
 
 
-class NeuMF(nn.Module):
+class NeuMF(KnownIds, nn.Module):
     """Neural collaborative filtering (He et al., 2017): a GMF branch (p_u * q_i, elementwise) beside an MLP over
     the concatenated user and item vectors of a second pair of tables, both fed to one output unit (a logit).
 
@@ -571,11 +574,6 @@ class NeuMF(nn.Module):
         self.output = nn.Linear(gmf_dim + mlp[-1], 1)
         self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
         self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
-
-    @torch.no_grad()
-    def set_known(self, user_known: torch.Tensor, item_known: torch.Tensor) -> None:
-        self.user_known.copy_(user_known)
-        self.item_known.copy_(item_known)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Logits of the pairs (users[b], items[b]), or of (users[b], items[b, c]) for (B, C) candidates."""

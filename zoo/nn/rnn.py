@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from zoo.errors import UserError
-from zoo.nn.transformer import beam_decode, greedy_decode, sample_next
+from zoo.nn.transformer import Decoding, sample_next
 
 CELLS = ("rnn", "lstm", "gru")
 ATTENTIONS = ("additive", "dot")
@@ -233,7 +233,7 @@ class Attention(nn.Module):
         return torch.bmm(weights[:, None, :], memory).squeeze(1), weights
 
 
-class Seq2SeqRNN(nn.Module):
+class Seq2SeqRNN(Decoding, nn.Module):
     """Encoder-decoder RNN with attention (Bahdanau et al. 2015 with attention=additive, Luong et al. 2015 with dot).
 
     The encoder (bidirectional by default) reads the source as a packed sequence; a tanh bridge maps each layer's
@@ -341,21 +341,3 @@ class Seq2SeqRNN(nn.Module):
             tuple(s.index_select(1, index) for s in rnn) if isinstance(rnn, tuple) else rnn.index_select(1, index)
         )
         return out
-
-    @torch.no_grad()
-    def greedy(self, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int) -> torch.Tensor:
-        """The most likely token at each step, carrying the decoder state; ended rows are padded."""
-        return greedy_decode(self, src, bos_id, eos_id, max_len, self.pad_id)
-
-    @torch.no_grad()
-    def beam_search(
-        self,
-        src: torch.Tensor,
-        bos_id: int,
-        eos_id: int,
-        max_len: int,
-        beam_size: int = 4,
-        length_penalty: float = 0.0,
-    ) -> torch.Tensor:
-        """Beam search with one decoder state per beam."""
-        return beam_decode(self, src, bos_id, eos_id, max_len, self.pad_id, beam_size, length_penalty)

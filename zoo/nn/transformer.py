@@ -242,7 +242,32 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)
 
 
-class Seq2SeqTransformer(nn.Module):
+class Decoding:
+    """`greedy` and `beam_search` for an encoder-decoder that has `pad_id` and the decoding protocol of
+    `greedy_decode` (begin_decoding, decode_step, reorder_decoding): its KV caches or recurrent state per beam."""
+
+    pad_id: int
+
+    @torch.no_grad()
+    def greedy(self, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int) -> torch.Tensor:
+        """The most likely token at each step; rows that ended are padded with pad_id."""
+        return greedy_decode(self, src, bos_id, eos_id, max_len, self.pad_id)
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        src: torch.Tensor,
+        bos_id: int,
+        eos_id: int,
+        max_len: int,
+        beam_size: int = 4,
+        length_penalty: float = 0.0,
+    ) -> torch.Tensor:
+        """Beam search (`beam_decode`): the best finished prefix per row."""
+        return beam_decode(self, src, bos_id, eos_id, max_len, self.pad_id, beam_size, length_penalty)
+
+
+class Seq2SeqTransformer(Decoding, nn.Module):
     """Encoder-decoder transformer (Vaswani et al. 2017) with pre-norm blocks and a shared, tied embedding.
 
     Source and target use one vocabulary; `pad_id` marks padding, masked out of encoder self-attention,
@@ -333,24 +358,6 @@ class Seq2SeqTransformer(nn.Module):
         for cache in state[2]:
             cache.reorder(index)
         return state
-
-    @torch.no_grad()
-    def greedy(self, src: torch.Tensor, bos_id: int, eos_id: int, max_len: int) -> torch.Tensor:
-        """The most likely token at each step, with a KV cache; rows that ended are padded with pad_id."""
-        return greedy_decode(self, src, bos_id, eos_id, max_len, self.pad_id)
-
-    @torch.no_grad()
-    def beam_search(
-        self,
-        src: torch.Tensor,
-        bos_id: int,
-        eos_id: int,
-        max_len: int,
-        beam_size: int = 4,
-        length_penalty: float = 0.0,
-    ) -> torch.Tensor:
-        """Beam search (`beam_decode`) with a KV cache per beam."""
-        return beam_decode(self, src, bos_id, eos_id, max_len, self.pad_id, beam_size, length_penalty)
 
 
 @torch.no_grad()
