@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,13 +14,81 @@ from zoo.errors import UserError
 
 
 class DigitsDataModule(TensorDataModule):
-    """scikit-learn's 1,797 real 8x8 handwritten digits (UCI optdigits test set), pixels scaled to [0, 1]."""
+    """scikit-learn's 1,797 real 8x8 handwritten digits (UCI optdigits test set), pixels scaled to [0, 1].
+
+    `image_size` and `pad` let a network trained on other digits read these: the 8x8 digits fill their frame,
+    while MNIST centres its digits in a 20x20 box inside 28x28, so `image_size=20 pad=4` gives MNIST's layout.
+    `train_per_class=k` keeps exactly k training images of each class (drawn by `split_seed`, and the first k
+    of a larger draw, so smaller subsets are nested): few-shot training, with validation and test whole.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        image_size: int | None = None,
+        pad: int = 0,
+        train_per_class: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+        ):
+            raise UserError(
+                f"data.image_size: expected null (8x8 as shipped) or a side in pixels >= 1, got {image_size!r}"
+            )
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise UserError(f"data.pad: expected a whole number of pixels >= 0, got {pad!r}")
+        if train_per_class is not None:
+            if isinstance(train_per_class, bool) or not isinstance(train_per_class, int) or train_per_class < 1:
+                raise UserError(
+                    f"data.train_per_class: expected null (the whole training split) or a whole number of images "
+                    f"per class >= 1, got {train_per_class!r}"
+                )
+            if self.train_fraction < 1:
+                raise UserError("data.train_per_class: give it or data.train_fraction < 1, not both")
+        self.image_size, self.pad, self.train_per_class = image_size, pad, train_per_class
 
     def load(self) -> tuple[np.ndarray, np.ndarray, None, None]:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        return (digits.images / 16.0)[:, None].astype(np.float32), digits.target, None, None
+        images = (digits.images / 16.0)[:, None].astype(np.float32)
+        return resize_images(images, self.image_size, self.pad), digits.target, None, None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        super().setup(stage)
+        if self.train_per_class is not None:
+            x, y = self.splits["train"]
+            self.splits["train"] = tuple(t[per_class(y.numpy(), self.train_per_class, self.split_seed)] for t in (x, y))
+
+
+def resize_images(images: np.ndarray, size: int | None, pad: int) -> np.ndarray:
+    """(N, C, H, W) images resized bilinearly to size x size (None: as they are), then framed by `pad` zeros."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(images)
+    if size is not None and tuple(tensor.shape[-2:]) != (size, size):
+        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if pad:
+        tensor = F.pad(tensor, (pad, pad, pad, pad))
+    return tensor.clamp(0, 1).numpy()
+
+
+def per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of exactly k rows of every class, each class's order drawn by `seed`."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < k:
+        raise UserError(
+            f"data.train_per_class: expected at most {counts.min()} (the training split's rarest class, "
+            f"{classes[counts.argmin()]}), got {k}"
+        )
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in classes]
+    return np.sort(np.concatenate(chosen))
 
 
 class MNIST1DDataModule(TensorDataModule):
