@@ -146,6 +146,11 @@ def check_overrides(config_name: str, args: list[str]) -> None:
             "hydra/launcher=submitit_slurm: no SLURM on this machine (sbatch not found); run from a cluster's login "
             "node, or use hydra/launcher=joblib or submitit_local here"
         )
+    from zoo.search import prepare_storage, storage_override
+
+    storage = storage_override(overrides)
+    if storage is not None:  # several sweeper processes may start at once: the study's tables are made here first
+        prepare_storage(storage)
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         group_dir = CONFIG_DIR / key
