@@ -6,15 +6,20 @@ accuracy means little without the floor (random vectors score about 0).
 
     python scripts/fetch_word2vec_data.py                      # data/word2vec (from gensim's wheel, not in git)
     pip install -e ".[bench]"                                  # gensim 4.4.0 beside the zoo
-    python benchmarks/word2vec.py                              # skip-gram, 5 epochs, seeds 1,2,3, 1 and 2 threads
-    python benchmarks/word2vec.py --mode cbow --lr 0.05 --seeds 1 --threads 1
+    python benchmarks/word2vec.py                              # skip-gram, 5 epochs, seeds 1,2,3, one thread each
+    python benchmarks/word2vec.py --mode cbow --lr 0.05 --seeds 1
+    python benchmarks/word2vec.py --threads 1,2                # also gensim workers=2 beside torch on 2 threads
 
 Protocol: the zoo's datamodule reads the corpus, holds out its last 4% and builds the vocabulary (min_count); gensim
 trains on exactly the zoo's training words (its sentences with the out-of-vocabulary words removed, so the two
 vocabularies are the same). Both use dim, window, negatives, sample, min_count, epochs, the start learning rate and
 its linear decay to lr * 1e-4. Speed is training words (in the vocabulary, before sub-sampling) times epochs over
-the seconds of training alone: gensim's train() with workers=1; the zoo's Lightning fit from the first training
-batch to the last (validation, checkpoints and logging off), with torch on 1 or on 2 threads. Analogy accuracy is
+the seconds of training alone: gensim's train(); the zoo's Lightning fit from the first training batch to the last
+(validation, checkpoints and logging off), drawing its examples in the same process. Both get the same number of
+threads: for each count t in --threads, gensim runs with workers=t (its worker threads; one more thread only hands
+them sentences) and the zoo with torch.set_num_threads(t). The two run alternately, seed by seed, so that the load
+of a shared machine falls on both; words per CPU-second (process CPU time, all threads) is printed beside words per
+wall-clock second, since it moves less with that load. Analogy accuracy is
 on questions-words.txt, restricted to the questions whose four words are in both vocabularies, answered by cosine
 to b - a + c of unit vectors leaving out a, b and c (gensim's evaluate_word_analogies), by the same code for
 every row (gensim's own evaluate_word_analogies figure is printed beside, as a check). Overlap@10 is the share of
@@ -38,8 +43,11 @@ from common import QUIET, ROOT, compose_config, mean_std, quiet_lightning, table
 DATA = ROOT / "data" / "word2vec"
 
 
-def zoo_run(args: argparse.Namespace, seed: int, threads: int, folder: Path) -> tuple[Any, list[str], float, int]:
-    """Train the zoo's word2vec; its vectors, words, training seconds and training words (in the vocabulary)."""
+def zoo_run(
+    args: argparse.Namespace, seed: int, threads: int, folder: Path
+) -> tuple[Any, list[str], tuple[float, float], int]:
+    """Train the zoo's word2vec; its vectors, words, training (wall, CPU) seconds and training words (in the
+    vocabulary)."""
     import lightning as L
     import torch
     from hydra.utils import instantiate
@@ -51,13 +59,14 @@ def zoo_run(args: argparse.Namespace, seed: int, threads: int, folder: Path) -> 
         """Seconds inside training epochs (no validation runs: limit_val_batches=0)."""
 
         def __init__(self) -> None:
-            self.seconds, self.start = 0.0, 0.0
+            self.seconds, self.cpu_seconds, self.start, self.cpu_start = 0.0, 0.0, 0.0, 0.0
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
             self.seconds += time.perf_counter() - self.start
+            self.cpu_seconds += time.process_time() - self.cpu_start
 
     overrides = [
         *QUIET,
@@ -73,6 +82,8 @@ def zoo_run(args: argparse.Namespace, seed: int, threads: int, folder: Path) -> 
         f"optimizer.lr={args.lr}",
         f"trainer.max_epochs={args.epochs}",
         f"seed={seed}",
+        *([f"data.batch_size={args.batch_size}"] if args.batch_size else []),
+        *([f"model.sgd_chunk={args.sgd_chunk}"] if args.sgd_chunk else []),
         "trainer.accelerator=cpu",
         "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0",
@@ -89,11 +100,14 @@ def zoo_run(args: argparse.Namespace, seed: int, threads: int, folder: Path) -> 
     clock = TrainingClock()
     trainer = build_trainer(cfg, extra_callbacks=(clock,))
     trainer.fit(model, datamodule=data)
-    return model.net.vectors().detach().float().cpu().numpy(), list(data.words), clock.seconds, data.train_words
+    seconds = (clock.seconds, clock.cpu_seconds)
+    return model.net.vectors().detach().float().cpu().numpy(), list(data.words), seconds, data.train_words
 
 
-def gensim_run(args: argparse.Namespace, sentences: list[list[str]], seed: int) -> tuple[Any, list[str], float, Any]:
-    """gensim's Word2Vec on the same sentences, one worker; its vectors, words, training seconds and the model."""
+def gensim_run(
+    args: argparse.Namespace, sentences: list[list[str]], seed: int, workers: int
+) -> tuple[Any, list[str], tuple[float, float], Any]:
+    """gensim's Word2Vec on the same sentences; its vectors, words, training (wall, CPU) seconds and the model."""
     from gensim.models import Word2Vec
 
     model = Word2Vec(
@@ -105,13 +119,13 @@ def gensim_run(args: argparse.Namespace, sentences: list[list[str]], seed: int) 
         sg=1 if args.mode == "skipgram" else 0,
         alpha=args.lr,
         min_alpha=args.lr * 1e-4,
-        workers=1,
+        workers=workers,
         seed=seed,
     )
     model.build_vocab(sentences)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model.train(sentences, total_examples=len(sentences), epochs=args.epochs)
-    seconds = time.perf_counter() - start
+    seconds = (time.perf_counter() - start, time.process_time() - cpu_start)
     return model.wv.vectors.copy(), list(model.wv.index_to_key), seconds, model
 
 
@@ -151,6 +165,14 @@ def overlap(a: list[set[int]], b: list[set[int]]) -> float:
     return statistics.fmean(len(x & y) / len(x) for x, y in zip(a, b))
 
 
+def gensim_name(workers: int) -> str:
+    return f"gensim 4.4.0, workers={workers}"
+
+
+def zoo_name(threads: int) -> str:
+    return f"zoo, {threads} torch thread{'s' if threads > 1 else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=DATA / "enwiki.txt")
@@ -164,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.025, help="start learning rate (gensim's alpha)")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--threads", default="1,2", help="torch threads of the zoo's runs")
+    parser.add_argument(
+        "--threads", default="1", help="thread counts: gensim's workers and the zoo's torch threads, the same in a pair"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="data.batch_size (default: the experiment's)")
+    parser.add_argument("--sgd-chunk", type=int, default=None, help="model.sgd_chunk (default: the model's)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
@@ -201,22 +227,24 @@ def main(argv: list[str] | None = None) -> int:
     def record(name: str, key: str, value: float) -> None:
         results.setdefault(name, {}).setdefault(key, []).append(value)
 
+    def record_speed(name: str, train_words: int, seconds: tuple[float, float]) -> None:
+        record(name, "words/s", train_words * args.epochs / seconds[0])
+        record(name, "words/cpu-s", train_words * args.epochs / seconds[1])
+
     gensim_check = []
-    for seed in seeds:
-        found, found_words, seconds, model = gensim_run(args, sentences, seed)
-        if set(found_words) != set(words):
-            print(f"note: gensim's vocabulary has {len(found_words)} words, the zoo's {len(words)}")
-        vectors[("gensim", seed)] = (found, found_words)
-        record("gensim 4.4.0, workers=1", "words/s", reference.train_words * args.epochs / seconds)
-        gensim_check.append(model.wv.evaluate_word_analogies(str(args.questions))[0])
     with tempfile.TemporaryDirectory(prefix="w2v_bench_") as tmp:
-        for threads in thread_counts:
-            for seed in seeds:
+        for seed in seeds:  # gensim and the zoo alternate, so that a change in the machine's load meets both
+            for threads in thread_counts:
+                found, found_words, seconds, model = gensim_run(args, sentences, seed, threads)
+                if set(found_words) != set(words):
+                    print(f"note: gensim's vocabulary has {len(found_words)} words, the zoo's {len(words)}")
+                if threads == thread_counts[0]:
+                    vectors[("gensim", seed)] = (found, found_words)
+                    gensim_check.append(model.wv.evaluate_word_analogies(str(args.questions))[0])
+                record_speed(gensim_name(threads), reference.train_words, seconds)
                 found, found_words, seconds, train_words = zoo_run(args, seed, threads, Path(tmp))
                 vectors[(f"zoo{threads}", seed)] = (found, found_words)
-                record(
-                    f"zoo, {threads} thread{'s' if threads > 1 else ''}", "words/s", train_words * args.epochs / seconds
-                )
+                record_speed(zoo_name(threads), train_words, seconds)
     shared = set(words)
     for _, found_words in vectors.values():
         shared &= set(found_words)
@@ -226,10 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed_index, seed in enumerate(seeds):
         ref_unit = unit(*vectors[("gensim", seed)], order)
         ref_sets = neighbour_sets(ref_unit, probes)
-        rows = [("gensim 4.4.0, workers=1", ref_unit)]
-        rows += [
-            (f"zoo, {t} thread{'s' if t > 1 else ''}", unit(*vectors[(f"zoo{t}", seed)], order)) for t in thread_counts
-        ]
+        rows = [(gensim_name(thread_counts[0]), ref_unit)]
+        rows += [(zoo_name(t), unit(*vectors[(f"zoo{t}", seed)], order)) for t in thread_counts]
         generator = np.random.default_rng(seed)
         rows.append(("random vectors (floor)", unit(generator.normal(size=(len(order), args.dim)), order, order)))
         for name, unit_vectors in rows:
@@ -239,25 +265,30 @@ def main(argv: list[str] | None = None) -> int:
             other = unit(*vectors[("gensim", seeds[(seed_index + 1) % len(seeds)])], order)
             record("gensim, next seed (ceiling)", "overlap", overlap(neighbour_sets(other, probes), ref_sets))
 
-    header = ["", "training words/s", "analogy accuracy", "overlap@10 with gensim"]
+    header = ["", "training words/s", "words/CPU-s", "analogy accuracy", "overlap@10 with gensim"]
     lines = [header]
     for name, values in results.items():
         speed = mean_std(values["words/s"], 0) if "words/s" in values else "—"
+        cpu_speed = mean_std(values["words/cpu-s"], 0) if "words/cpu-s" in values else "—"
         accuracy = mean_std(values["analogy"], 3) if "analogy" in values else "—"
-        lines.append([name, speed, accuracy, mean_std(values["overlap"], 3)])
+        overlap_cell = mean_std(values["overlap"], 3) if "overlap" in values else "—"
+        lines.append([name, speed, cpu_speed, accuracy, overlap_cell])
     print(
         f"\n{args.mode}, dim {args.dim}, window {args.window}, negatives {args.negatives}, sample {args.sample}, "
         f"min_count {args.min_count}, {args.epochs} epochs, lr {args.lr} -> {args.lr * 1e-4:g}; seeds {args.seeds}; "
         f"{len(questions)} of {len(all_questions)} analogy questions in both vocabularies"
     )
-    print(table(lines, right={1, 2, 3}))
-    reference_speed = statistics.fmean(results["gensim 4.4.0, workers=1"]["words/s"])
-    reference_accuracy = statistics.fmean(results["gensim 4.4.0, workers=1"]["analogy"])
+    print(table(lines, right={1, 2, 3, 4}))
+    reference_accuracy = statistics.fmean(results[gensim_name(thread_counts[0])]["analogy"])
     for threads in thread_counts:
-        name = f"zoo, {threads} thread{'s' if threads > 1 else ''}"
-        ratio = statistics.fmean(results[name]["words/s"]) / reference_speed
-        gap = 100 * (statistics.fmean(results[name]["analogy"]) - reference_accuracy)
-        print(f"{name}: {ratio:.2f}x gensim's words/s (target >= 0.5x), analogy {gap:+.1f} points (target within 5)")
+        zoo, ref = results[zoo_name(threads)], results[gensim_name(threads)]
+        ratio = statistics.fmean(zoo["words/s"]) / statistics.fmean(ref["words/s"])
+        cpu_ratio = statistics.fmean(zoo["words/cpu-s"]) / statistics.fmean(ref["words/cpu-s"])
+        gap = 100 * (statistics.fmean(zoo["analogy"]) - reference_accuracy)
+        print(
+            f"{zoo_name(threads)}: {ratio:.2f}x the words/s of {gensim_name(threads)} "
+            f"({cpu_ratio:.2f}x per CPU-second; target >= 0.5x), analogy {gap:+.1f} points (target within 5)"
+        )
     print(f"gensim's own evaluate_word_analogies (all its in-vocabulary questions): {mean_std(gensim_check, 3)}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return 0

@@ -15,6 +15,7 @@ import torch
 
 from tests.conftest import assert_same_final_weights, compose_config, interrupted_and_resumed, run_script
 from zoo.data.word2vec import (
+    AliasSampler,
     WordCorpusDataModule,
     cbow_examples,
     keep_probabilities,
@@ -130,6 +131,18 @@ def test_noise_is_unigram_to_the_three_quarters(tmp_path: Path) -> None:
     share = torch.bincount(draws, minlength=3).double() / len(draws)
     expected = torch.from_numpy(data.counts**0.75 / (data.counts**0.75).sum())
     assert torch.allclose(share, expected, atol=0.01)
+
+
+def test_the_alias_sampler_holds_the_exact_noise_probabilities() -> None:
+    probabilities = noise_distribution(np.array([50_000, 3_000, 3_000, 200, 7, 1, 1]))
+    sampler = AliasSampler(probabilities)
+    # a draw picks a cell uniformly, then the cell's own word with chance accept, else its alias
+    implied = sampler.accept.copy()
+    np.add.at(implied, sampler.alias, 1.0 - sampler.accept)
+    assert implied / len(probabilities) == pytest.approx(probabilities, rel=1e-9, abs=1e-15)
+    draws = sampler.draw(np.random.default_rng(0), (200_000,))
+    share = np.bincount(draws, minlength=len(probabilities)) / len(draws)
+    assert share == pytest.approx(probabilities, abs=0.005)
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -289,6 +302,7 @@ def test_cbow_and_the_experiment_run_with_analogies(train_config, corpus: Path, 
         ("data.path=/no/such/file.txt", r"^data.path: no file at '/no/such/file.txt'"),
         ("data.analogy_path=/no/questions.txt", r"^data.analogy_path: no file at"),
         ("optimizer.momentum=0.9", r"^optimizer.momentum: 0.9 with sparse embedding gradients"),
+        ("model.sgd_chunk=0", r"^model.sgd_chunk: expected an integer >= 1, got 0$"),
     ],
 )
 def test_bad_values_are_one_line_user_errors(train_config, corpus: Path, override: str, message: str) -> None:
@@ -366,3 +380,34 @@ def test_the_fused_sgd_step_is_autograd_and_torch_sgd(mode: str) -> None:
     assert torch.allclose(losses, expected.detach(), atol=1e-6)
     for name, value in a.state_dict().items():
         assert torch.allclose(value, b.state_dict()[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("mode", ["skipgram", "cbow"])
+def test_a_chunked_fused_step_is_one_step_per_chunk(mode: str) -> None:
+    """sgd_step(chunk=32) on 70 examples takes three SGD steps, on examples 0-31, 32-63 and 64-69, in order."""
+    torch.manual_seed(1)
+    nets = [Word2Vec(20, 8, mode=mode) for _ in range(3)]
+    with torch.no_grad():
+        nets[0].output.weight.normal_()
+        for net in nets[1:]:
+            net.load_state_dict(nets[0].state_dict())
+    inputs = torch.randint(0, 20, (70,)) if mode == "skipgram" else torch.randint(0, 20, (70, 4))
+    mask = None if mode == "skipgram" else torch.rand(70, 4) > 0.3
+    targets, negatives = torch.randint(0, 20, (70,)), torch.randint(0, 20, (70, 5))
+    negatives[40, 2] = targets[40]  # skipped in the second chunk as in one step
+    chunked = nets[0].sgd_step(inputs, mask, targets, negatives, lr=0.5, chunk=32)
+    parts = [slice(0, 32), slice(32, 64), slice(64, 70)]
+    one_by_one = [
+        nets[1].sgd_step(inputs[p], None if mask is None else mask[p], targets[p], negatives[p], lr=0.5) for p in parts
+    ]
+    assert torch.allclose(chunked, torch.cat(one_by_one), atol=1e-6)
+    for name, value in nets[0].state_dict().items():
+        assert torch.allclose(value, nets[1].state_dict()[name], atol=1e-6), name
+    nets[2].sgd_step(inputs, mask, targets, negatives, lr=0.5)  # one step of all 70: later chunks see moved rows
+    assert not torch.allclose(nets[2].input.weight, nets[0].input.weight, atol=1e-4)
+
+
+def test_the_training_loss_is_logged_once_an_epoch(trained) -> None:
+    cfg, _ = trained
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert 0 < metrics["train/loss"] < 6 * math.log(2)  # below the loss of untrained tables (1 + 5 words)

@@ -46,11 +46,12 @@ class Word2VecTask(L.LightningModule):
     frequent words sub-sampled at threshold `sample`, and a window drawn uniformly in 1..window per centre word.
 
     The loss is summed over a batch's examples, so that plain SGD (model.net.sparse embedding gradients) takes
-    word2vec.c's step per example (with `fused_sgd`, computed by hand in one pass: Word2Vec.sgd_step); `lr_decay:
-    linear` lowers the rate linearly over the run's steps to `min_lr_fraction` of the start, as word2vec.c does
-    (gensim: to min_alpha = 1e-4). A batch sums the updates of every example that touches a row, computed at the
-    same weights: where a batch holds a word hundreds of times (tiny vocabularies, very large batches) that can
-    overshoot; the divergence guard then names the step, and a smaller data.batch_size or lr fixes it.
+    word2vec.c's step per example (with `fused_sgd`, computed by hand: Word2Vec.sgd_step, which takes a batch in
+    steps of `sgd_chunk` examples at the batch's rate); `lr_decay: linear` lowers the rate linearly over the run's
+    steps to `min_lr_fraction` of the start, as word2vec.c does (gensim: to min_alpha = 1e-4). A step sums the
+    updates of every example that touches a row, computed at the same weights: where a step holds a word hundreds
+    of times (tiny vocabularies, very large steps) that can overshoot; the divergence guard then names the step, and
+    a smaller model.sgd_chunk (data.batch_size without fused SGD) or lr fixes it.
 
     Logs `train/loss` (per example), `val/loss` and `test/loss` (held-out text, fixed negatives), and where the data
     has analogy questions, `val/analogy_acc` on its validation half and `test/analogy_acc` on its test half
@@ -77,6 +78,7 @@ class Word2VecTask(L.LightningModule):
         projector_words: int = 2000,
         plot_words: Sequence[str] | None = None,
         fused_sgd: bool = True,
+        sgd_chunk: int | None = 1024,
     ) -> None:
         super().__init__()
         if not hasattr(data, "words"):
@@ -95,6 +97,7 @@ class Word2VecTask(L.LightningModule):
             raise UserError(f"model.min_lr_fraction: expected a number in [0, 1], got {min_lr_fraction!r}")
         self.mode, self.window, self.negatives, self.sample = mode, window, negatives, float(sample)
         self.lr_decay, self.min_lr_fraction = lr_decay, min_lr_fraction
+        self.sgd_chunk = None if sgd_chunk is None else _positive_int("model.sgd_chunk", sgd_chunk)
         self.projector_words, self.plot_words = projector_words, list(plot_words or PLOT_WORDS.split())
         data.configure(mode, window, float(sample), negatives)
         self.net = net if isinstance(net, nn.Module) else net(vocab_size=data.vocab_size, mode=mode)
@@ -147,8 +150,14 @@ class Word2VecTask(L.LightningModule):
             return self._fused_step(batch)
         losses = self._loss(batch)
         self.train_loss.update(losses.detach().mean(), weight=len(losses))
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         return losses.sum()
+
+    def on_train_epoch_end(self) -> None:
+        """`train/loss`, the mean over the epoch's examples, logged once: logging a metric on every step cost more
+        than a fused step's arithmetic."""
+        if self.train_loss.update_called:
+            self.log("train/loss", self.train_loss.compute(), prog_bar=True)
+        self.train_loss.reset()
 
     def _fused_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """SGD by hand at the optimizer's current rate; the optimizer then steps with no gradients (it moves nothing
@@ -156,13 +165,12 @@ class Word2VecTask(L.LightningModule):
         optimizer = self.optimizers()
         inputs, mask, targets, negatives = batch
         lr = float(optimizer.optimizer.param_groups[0]["lr"])
-        losses = self.net.sgd_step(inputs, mask if mask.numel() else None, targets, negatives, lr)
+        losses = self.net.sgd_step(inputs, mask if mask.numel() else None, targets, negatives, lr, self.sgd_chunk)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()  # type: ignore[union-attr]
         self.train_loss.update(losses.mean(), weight=len(losses))
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         return losses.sum()
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
