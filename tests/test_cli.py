@@ -170,9 +170,18 @@ def test_ddp_simulated_with_two_cpu_processes(tmp_path: Path) -> None:
 
 def test_cluster_configs_compose() -> None:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        slurm = compose("train", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+        # the README's sbatch equivalent: 2 nodes x 4 tasks (one per GPU), 120 minutes, partition gpu
+        launcher = ["nodes=2", "tasks_per_node=4", "gpus_per_node=4", "timeout_min=120", "partition=gpu"]
+        slurm = compose(
+            "train",
+            overrides=["hydra/launcher=submitit_slurm", *(f"hydra.launcher.{kv}" for kv in launcher)],
+            return_hydra_config=True,
+        )
         ddp = compose("train", overrides=["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
+    settings = slurm.hydra.launcher
+    assert (settings.nodes, settings.tasks_per_node, settings.gpus_per_node) == (2, 4, 4)
+    assert (settings.timeout_min, settings.partition) == (120, "gpu")
     assert (ddp.trainer.strategy, ddp.trainer.devices, ddp.trainer.num_nodes) == ("ddp", 4, 2)
 
 
