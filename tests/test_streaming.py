@@ -1,0 +1,148 @@
+"""Streaming data: prepare -> chunks -> the same samples as the folder, training, and resume in mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+
+from tests.conftest import QUICK, compose_config, run_script
+from zoo.errors import UserError
+
+litdata = pytest.importorskip("litdata", reason="the streaming extra: pip install -e '.[streaming]'")
+
+CLASSES, PER_CLASS, SIZE = 3, 20, 12
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Grayscale PNGs whose class is a bright band at a class-specific height."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in range(CLASSES):
+        (root / f"class{c}").mkdir()
+        for i in range(PER_CLASS):
+            pixels = (rng.random((SIZE, SIZE)) * 90).astype(np.uint8)
+            pixels[4 * c : 4 * c + 4] = 250
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def chunks(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from zoo.data.streaming import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "chunks"
+    prepare(str(image_folder), str(out), image_size=SIZE, channels=1, num_workers=1)
+    return out
+
+
+def streaming_config(tmp_path: Path, chunks: Path, *overrides: str, folder: str = "run"):
+    cfg = compose_config(
+        "train",
+        [*QUICK, "data=streaming", f"data.path={chunks}", "data.num_workers=0", "data.batch_size=8", "model=cnn",
+         "model.net.channels=[8,16]", "trainer.max_epochs=2", "logger=none", *overrides],
+        tmp_path,
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / folder)
+    return cfg
+
+
+def samples(loader) -> list[tuple[bytes, int]]:
+    return sorted((x.numpy().tobytes(), int(y)) for xs, ys in loader for x, y in zip(xs, ys, strict=True))
+
+
+def test_the_stream_holds_the_folders_samples(image_folder: Path, chunks: Path) -> None:
+    from zoo.data.streaming import StreamingDataModule
+    from zoo.data.vision import ImageFolderDataModule
+
+    folder = ImageFolderDataModule(str(image_folder), [1, SIZE, SIZE], CLASSES, batch_size=7, eval_batch_size=7)
+    folder.setup()
+    stream = StreamingDataModule(str(chunks), [1, SIZE, SIZE], CLASSES, batch_size=7, eval_batch_size=7, num_workers=0)
+    loaders = {"train": stream.train_dataloader(), "val": stream.val_dataloader(), "test": stream.test_dataloader()}
+    for split, loader in loaders.items():
+        expected = samples(torch.utils.data.DataLoader(folder.datasets[split], batch_size=7))
+        # stored as uint8: the folder's floats come back within half a grey level
+        got = samples(loader)
+        assert [y for _, y in got] == [y for _, y in expected], split
+        ours = np.stack([np.frombuffer(x, np.float32) for x, _ in got])
+        theirs = np.stack([np.frombuffer(x, np.float32) for x, _ in expected])
+        assert np.abs(np.sort(ours, 0) - np.sort(theirs, 0)).max() <= 0.5 / 255 + 1e-6, split
+
+
+def test_a_streamed_run_learns(tmp_path: Path, chunks: Path) -> None:
+    from zoo.run import train
+
+    cfg = streaming_config(tmp_path, chunks, "trainer.max_epochs=6", "optimizer.lr=3e-3")
+    cfg.optimized_metric = "test/acc"
+    assert cfg.model.net.input_shape == [1, SIZE, SIZE] and cfg.data.num_classes == CLASSES  # from zoo.json
+    assert train(cfg) >= 0.9  # chance is 1/3
+
+
+def test_a_run_resumed_in_mid_epoch_equals_the_uninterrupted_one(tmp_path: Path, chunks: Path) -> None:
+    from zoo.run import train
+
+    every_3_steps = [
+        "+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"+callbacks.steps.dirpath={tmp_path}/steps",
+        "+callbacks.steps.every_n_train_steps=3",
+        "+callbacks.steps.save_top_k=-1",
+        "+callbacks.steps.filename='step_{step}'",
+        "+callbacks.steps.auto_insert_metric_name=false",
+    ]
+    full = streaming_config(tmp_path, chunks, *every_3_steps, folder="full")
+    train(full)
+    # 43 training samples in batches of 8: 6 steps an epoch, so step 3 is in the middle of the first
+    mid_epoch = tmp_path / "steps" / "step_3.ckpt"
+    state = torch.load(mid_epoch, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and state["global_step"] == 3
+    resumed = streaming_config(tmp_path, chunks, f"ckpt_path={mid_epoch}", folder="resumed")
+    train(resumed)
+    a, b = (
+        torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True) for c in (full, resumed)
+    )
+    train_samples = json.loads((chunks / "zoo.json").read_text())["samples"]["train"]
+    assert a["global_step"] == b["global_step"] == 2 * math.ceil(train_samples / 8)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_prepare_refuses_a_used_folder_and_bad_input(tmp_path: Path, image_folder: Path, chunks: Path) -> None:
+    from zoo.data.streaming import prepare
+
+    before = sorted(p.name for p in chunks.iterdir())
+    with pytest.raises(UserError, match="is not empty"):
+        prepare(str(image_folder), str(chunks), image_size=SIZE, channels=1)
+    assert sorted(p.name for p in chunks.iterdir()) == before
+    with pytest.raises(UserError, match="unknown; allowed: image_folder, tensor"):
+        prepare(str(image_folder), str(tmp_path / "new"), data_format="parquet")
+    (tmp_path / "bad.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(UserError, match="cannot read .* as a weights-only tensor file"):
+        prepare(str(tmp_path / "bad.pt"), str(tmp_path / "new"), data_format="tensor")
+
+
+def test_tensor_files_stream_too(tmp_path: Path) -> None:
+    from zoo.data.streaming import StreamingDataModule, prepare
+
+    x = torch.arange(60 * 5, dtype=torch.float32).reshape(60, 5)
+    torch.save({"x": x, "y": torch.arange(60) % 3}, tmp_path / "table.pt")
+    meta = prepare(str(tmp_path / "table.pt"), str(tmp_path / "chunks"), data_format="tensor")
+    assert meta["input_shape"] == [5] and meta["num_classes"] == 3 and sum(meta["samples"].values()) == 60
+    stream = StreamingDataModule(str(tmp_path / "chunks"), [5], 3, batch_size=4, eval_batch_size=4, num_workers=0)
+    rows = [r for split in ("train", "val", "test") for xs, _ in getattr(stream, f"{split}_dataloader")() for r in xs]
+    assert sorted(r[0].item() for r in rows) == sorted(x[:, 0].tolist())  # every row once, over the three splits
+
+
+def test_a_missing_prepared_folder_is_one_line(tmp_path: Path) -> None:
+    result = run_script("train.py", "data=streaming", f"data.path={tmp_path}/nothing", cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "data.path: no zoo.json in" in line and "python -m zoo.data.prepare" in line

@@ -1,0 +1,60 @@
+"""`python -m zoo.data.prepare <source> <out>`: a dataset written once as LitData chunks for `data=streaming`.
+
+This module stays light (no torch, no Lightning) because `configs/data/streaming.yaml` reads the prepared data's
+`zoo.json` through it while the config is composed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import UserError
+
+META = "zoo.json"
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """The description `prepare` wrote beside the chunks; a remote path needs its keys set by hand."""
+    if "://" in path:
+        raise UserError(
+            f"data.path: '{path}' is remote; set data.input_shape and data.num_classes (from its {META}) yourself"
+        )
+    meta = Path(path).expanduser() / META
+    if not meta.is_file():
+        raise UserError(f"data.path: no {META} in '{path}'; make it with python -m zoo.data.prepare <source> {path}")
+    return json.loads(meta.read_text())
+
+
+def prepared_value(path: str, key: str) -> Any:
+    """The `${zoo_prepared:${data.path},input_shape}` resolver of configs/data/streaming.yaml."""
+    return read_meta(str(path))[key]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m zoo.data.prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="an image folder (<class>/<image>, or train/val/test/<class>/<image>) or a .pt")
+    parser.add_argument("out", help="a new, empty folder for the chunks and zoo.json")
+    parser.add_argument("--format", dest="data_format", default="image_folder", choices=["image_folder", "tensor"])
+    parser.add_argument("--image-size", type=int, default=64, help="image_folder: images resized to this square")
+    parser.add_argument("--channels", type=int, default=3, choices=[1, 3], help="image_folder: 1 grayscale, 3 RGB")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--chunk-bytes", default="64MB", help="size of one chunk file, e.g. 64MB")
+    parser.add_argument("--compression", default=None, choices=[None, "zstd"], help="zstd: smaller chunks")
+    parser.add_argument("--num-workers", type=int, default=1, help="processes writing chunks")
+    args = parser.parse_args(argv)
+    from zoo.data.streaming import prepare
+
+    try:
+        meta = prepare(**{k: v for k, v in vars(args).items()})
+    except UserError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"{args.out}: {meta['samples']} samples of shape {meta['input_shape']}, {meta['num_classes']} classes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Data larger than memory: samples prepared once into LitData chunks, then streamed from disk or object storage.
+
+    python -m zoo.data.prepare <image folder> <out> --format image_folder --image-size 28 --channels 1
+    python -m zoo.data.prepare <file.pt> <out> --format tensor          # {"x": (N, ...) tensor, "y": (N,) labels}
+    python train.py data=streaming data.path=<out> model=cnn            # or data.path=s3://bucket/prefix
+
+`<out>` holds one LitData dataset per split (`train/`, `val/`, `test/`) and `zoo.json` (input shape, class names,
+sample counts), from which `data=streaming` takes `input_shape` and `num_classes`. Streaming keeps only a bounded
+cache of chunks on local disk (`data.max_cache_size`), reads with worker processes, hands each rank of a DDP run its
+own share of every epoch, and saves the loader's position in the checkpoint, so a run resumed mid-epoch goes on
+with the samples the interrupted one had not seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from zoo.data.prepare import read_meta
+from zoo.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+class _Decode:
+    """A stored sample as the model reads it: uint8 images to floats in [0, 1]; picklable for loader workers."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(sample["x"])
+        x = x.float() * self.scale if x.dtype == torch.uint8 else x.float()
+        return x, torch.as_tensor(sample["y"], dtype=torch.long)
+
+
+class StreamingDataModule(L.LightningDataModule):
+    """Classification samples streamed from `prepare`'s chunks with LitData's StreamingDataset and loader."""
+
+    def __init__(
+        self,
+        path: str,
+        input_shape: Sequence[int],
+        num_classes: int,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 2,
+        max_cache_size: str = "25GB",
+        cache_dir: str | None = None,
+        shuffle_seed: int = 0,
+        drop_last: bool = False,
+        data_dir: str = "data",
+    ) -> None:
+        super().__init__()
+        if importlib.util.find_spec("litdata") is None:
+            raise UserError("data=streaming needs LitData: pip install 'litdata>=0.2.50,<0.3'")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"data.batch_size: expected an integer >= 1, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise UserError(f"data.num_workers: expected an integer >= 0, got {num_workers!r}")
+        self.path, self.input_shape, self.num_classes = str(path), tuple(input_shape), int(num_classes)
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.max_cache_size, self.cache_dir, self.shuffle_seed = max_cache_size, cache_dir, shuffle_seed
+        self.drop_last, self.data_dir = drop_last, data_dir
+        self.scale = 1.0 / 255.0
+        if "://" not in self.path:
+            meta = read_meta(self.path)
+            if list(self.input_shape) != list(meta["input_shape"]) or self.num_classes != meta["num_classes"]:
+                raise UserError(
+                    f"data.input_shape/num_classes: {list(self.input_shape)}/{self.num_classes} given, but "
+                    f"'{self.path}' holds {meta['input_shape']}/{meta['num_classes']}"
+                )
+            self.scale = float(meta.get("scale", self.scale))
+        self.loaders: dict[str, Any] = {}
+        self.train_position: dict[str, Any] | None = None  # the training loader's place, from a checkpoint
+
+    def _split_dir(self, split: str) -> str:
+        return f"{self.path.rstrip('/')}/{split}"
+
+    def _dataset(self, split: str, shuffle: bool) -> Any:
+        from litdata import StreamingDataset
+
+        if "://" not in self.path and not Path(self._split_dir(split)).expanduser().is_dir():
+            raise UserError(f"data.path: no '{split}' split in '{self.path}'; prepare it again")
+        options: dict[str, Any] = {"max_cache_size": self.max_cache_size}
+        if self.cache_dir is not None:
+            options["cache_dir"] = str(Path(self.cache_dir).expanduser() / split)
+        dataset = StreamingDataset(
+            str(Path(self._split_dir(split)).expanduser()) if "://" not in self.path else self._split_dir(split),
+            shuffle=shuffle,
+            seed=self.shuffle_seed,
+            drop_last=self.drop_last if shuffle else False,
+            transform=_Decode(self.scale),
+            **options,
+        )
+        return dataset
+
+    def _loader(self, split: str, train: bool) -> Any:
+        """One loader per split for the whole run, so that its position is the run's."""
+        if split not in self.loaders:
+            self.loaders[split] = _resumable_loader_class()(
+                self._dataset(split, shuffle=train),
+                batch_size=self.batch_size if train else self.eval_batch_size,
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=self.num_workers > 0,
+                # the workers' seeds come from here, not from the global generator, so that opening a loader
+                # (as a resumed run does at another moment) leaves dropout's random numbers as they were
+                generator=torch.Generator().manual_seed(self.shuffle_seed),
+            )
+        if train and self.train_position is not None:
+            self.loaders[split].load_state_dict(self.train_position)
+            self.train_position = None
+        return self.loaders[split]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, saved in every checkpoint.
+
+        Lightning saves it too, but restores its own copy only into a loader it has not yet opened, and a run whose
+        schedule needs the number of steps (warmup_cosine) opens the loader before the checkpoint is read.
+        """
+        loader = self.loaders.get("train")
+        return {"train_position": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_position = state_dict.get("train_position")
+        if self.train_position is not None and "train" in self.loaders:
+            self._loader("train", train=True)
+
+    def train_dataloader(self) -> Any:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test", train=False)
+
+
+@functools.cache
+def _resumable_loader_class() -> type:
+    """LitData's loader, with a restored position used by the next epoch only.
+
+    LitData keeps resuming from the loaded position until an epoch's iterator runs to its end, and Lightning stops
+    taking batches once it has the epoch's count, so the epoch after a resumed one would start from the old
+    position again.
+    """
+    from litdata import StreamingDataLoader
+
+    class ResumableLoader(StreamingDataLoader):
+        resume_next_epoch = False
+
+        def load_state_dict(self, obj: dict[str, Any]) -> None:
+            super().load_state_dict(obj)
+            self.resume_next_epoch = True
+
+        def __iter__(self) -> Any:
+            if not self.resume_next_epoch:
+                self.restore = False
+            self.resume_next_epoch = False
+            return super().__iter__()
+
+    return ResumableLoader
+
+
+# ---- preparing: from a folder or a tensor file to chunks ----
+
+
+class _Sample:
+    """Sample i of a split as LitData stores it (x: uint8 image or float array, y: class); picklable for workers."""
+
+    def __init__(self, read: Callable[[int], tuple[np.ndarray, int]]) -> None:
+        self.read = read
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        x, y = self.read(index)
+        return {"x": x, "y": int(y)}
+
+
+class _FolderImage:
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __call__(self, index: int) -> tuple[np.ndarray, int]:
+        image, label = self.dataset[index]
+        return (image * 255).round().clamp(0, 255).to(torch.uint8).numpy(), label
+
+
+class _TensorRow:
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+
+    def __call__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.x[index], int(self.y[index])
+
+
+def _image_folder_splits(
+    source: Path, image_size: int, channels: int, val_fraction: float, test_fraction: float, split_seed: int
+) -> tuple[dict[str, tuple[Callable[[int], tuple[np.ndarray, int]], int]], dict[str, Any]]:
+    """The splits of an image folder exactly as `data=image_folder` makes them, resized once here."""
+    from zoo.data.vision import ImageFolderDataModule
+
+    classes = ImageFolderDataModule._scan(source / "train" if (source / "train").is_dir() else source)
+    folder = ImageFolderDataModule(
+        root=str(source),
+        input_shape=[channels, image_size, image_size],
+        num_classes=len(classes),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        split_seed=split_seed,
+    )
+    folder.setup()
+    splits = {split: (_FolderImage(folder.datasets[split]), len(folder.datasets[split])) for split in SPLITS}
+    meta = {"input_shape": [channels, image_size, image_size], "classes": folder.classes, "scale": 1.0 / 255.0}
+    return splits, meta
+
+
+def _tensor_splits(
+    source: Path, val_fraction: float, test_fraction: float, split_seed: int
+) -> tuple[dict[str, tuple[Callable[[int], tuple[np.ndarray, int]], int]], dict[str, Any]]:
+    """A `.pt` file of {"x": (N, ...), "y": (N,)} (loaded weights-only), split by class as the tables are."""
+    from zoo.data.tensor import stratified_split
+
+    try:
+        stored = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"prepare: cannot read '{source}' as a weights-only tensor file ({error})") from None
+    if not isinstance(stored, dict) or not {"x", "y"} <= set(stored):
+        raise UserError(f"prepare: '{source}' must hold a dict with tensors 'x' (N, ...) and 'y' (N,)")
+    x, y = np.asarray(stored["x"]), np.asarray(stored["y"]).astype(np.int64)
+    if len(x) != len(y):
+        raise UserError(f"prepare: '{source}' has {len(x)} rows of x but {len(y)} labels")
+    rest, test = stratified_split(y, [test_fraction], split_seed)
+    train, val = stratified_split(y[rest], [val_fraction], split_seed)
+    parts = {"train": rest[train], "val": rest[val], "test": test}
+    scale = 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
+    splits = {split: (_TensorRow(x[index], y[index]), len(index)) for split, index in parts.items()}
+    classes = [str(c) for c in range(int(y.max()) + 1)]
+    return splits, {"input_shape": list(x.shape[1:]), "classes": classes, "scale": scale}
+
+
+def prepare(
+    source: str,
+    out: str,
+    data_format: str = "image_folder",
+    image_size: int = 64,
+    channels: int = 3,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    chunk_bytes: str = "64MB",
+    compression: str | None = None,
+    num_workers: int = 1,
+) -> dict[str, Any]:
+    """Write `source`'s splits as LitData chunks under `out/{train,val,test}` and describe them in `out/zoo.json`."""
+    from litdata import optimize
+
+    from zoo.errors import check_split_fractions
+
+    check_split_fractions(val_fraction, test_fraction)
+    source_path, out_path = Path(source).expanduser(), Path(out).expanduser()
+    if not source_path.exists():
+        raise UserError(f"prepare: no such source '{source}'")
+    if out_path.exists() and any(out_path.iterdir()):
+        raise UserError(f"prepare: '{out}' is not empty; give a new folder (nothing there is overwritten)")
+    if data_format == "image_folder":
+        splits, meta = _image_folder_splits(source_path, image_size, channels, val_fraction, test_fraction, split_seed)
+    elif data_format == "tensor":
+        splits, meta = _tensor_splits(source_path, val_fraction, test_fraction, split_seed)
+    else:
+        raise UserError(f"prepare: --format {data_format!r} unknown; allowed: image_folder, tensor")
+    out_path.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, (read, count) in splits.items():
+        if count == 0:
+            raise UserError(f"prepare: the {split} split of '{source}' is empty; change the split fractions")
+        optimize(
+            fn=_Sample(read),
+            inputs=list(range(count)),
+            output_dir=str(out_path / split),
+            chunk_bytes=chunk_bytes,
+            compression=compression,
+            num_workers=num_workers,
+            # fork, as a DataLoader's workers do on Linux: spawn would import torch again in every writer, and
+            # LitData sets the start method for the whole process
+            start_method="fork" if sys.platform == "linux" else None,
+            verbose=False,
+        )
+        counts[split] = count
+    meta |= {"num_classes": len(meta["classes"]), "samples": counts, "format": data_format, "source": str(source_path)}
+    (out_path / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
