@@ -14,7 +14,7 @@ from omegaconf import open_dict
 from tests.conftest import QUICK, compose_config, run_script
 from zoo.errors import UserError
 
-litdata = pytest.importorskip("litdata", reason="the streaming extra: pip install -e '.[streaming]'")
+litdata = pytest.importorskip("litdata", reason="data=streaming needs LitData (a dependency of the zoo)")
 
 CLASSES, PER_CLASS, SIZE = 3, 20, 12
 
