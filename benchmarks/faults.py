@@ -611,9 +611,15 @@ def prepare_runs(bench: Bench, folder: Path) -> Runs:
         result = bench.run("train.py", args, run)
         if result.code != 0:
             raise ended_early(f"the {run.name} run", result)
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    scorer = Path(str(OmegaConf.load(runs.gan / "config.yaml").model.scorer.ckpt_path))
+    from zoo.metrics.scorer import cached_scorer_path
+
+    gan = OmegaConf.load(runs.gan / "config.yaml")
+    scorer = cached_scorer_path(gan.model.scorer, instantiate(gan.data))
+    if scorer is None:
+        raise RuntimeError("the GAN run caches no scorer (model.scorer.cache_dir is null)")
     return Runs(runs.classification, runs.gan, runs.xgboost, scorer if scorer.is_absolute() else bench.root / scorer)
 
 

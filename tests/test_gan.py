@@ -25,7 +25,7 @@ from zoo.metrics.generative import (
     inception_score,
     kl_to_uniform,
 )
-from zoo.metrics.scorer import load_or_train_scorer
+from zoo.metrics.scorer import cached_scorer_path, load_or_train_scorer
 from zoo.nn.gan import (
     DCGANDiscriminator,
     DCGANGenerator,
@@ -466,7 +466,7 @@ def test_evaluate_scores_with_another_classifier(train_config, tmp_path: Path) -
         eval_cfg.paths.output_dir = str(tmp_path / folder)
         return evaluate(eval_cfg)
 
-    own = scored_with(Path(cfg.model.scorer.ckpt_path), "own")
+    own = scored_with(cached_scorer_path(cfg.model.scorer, instantiate(cfg.data)), "own")
     classifier = classifier_run(train_config, "cnn_mnist5k")
     other = scored_with(classifier, "other")
     assert own["test/fid"] != pytest.approx(other["test/fid"], rel=1e-3)  # another classifier's features

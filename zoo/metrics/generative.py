@@ -2,9 +2,9 @@
 
 Given a classifier trained on the real data, its penultimate features of real and generated images give a
 domain Fréchet distance (FID with the classifier in Inception's place, with a bootstrap interval) and k-NN precision
-and recall in that feature space, and its class probabilities of the
-generated images give an Inception-style score, class coverage, the KL divergence of the generated class
-histogram to uniform (mode collapse raises it) and the mean confidence (blurry or alien samples lower it).
+and recall in that feature space, and its class probabilities of the generated images give an Inception-style
+score, class coverage (classes with at least a minimum share of the samples), the KL divergence of the generated
+class histogram to uniform (mode collapse raises it) and the mean confidence (blurry or alien samples lower it).
 """
 
 from __future__ import annotations
@@ -46,22 +46,42 @@ def inception_score(probs: torch.Tensor, eps: float = 1e-12) -> float:
     return float(kl.exp())
 
 
+DEFAULT_MIN_CLASS_SHARE = 0.02
+
+
 def class_histogram(probs: torch.Tensor) -> torch.Tensor:
     """Share of samples whose most likely class is each class."""
     counts = torch.bincount(probs.argmax(1).cpu(), minlength=probs.shape[1]).double()
     return counts / counts.sum()
 
 
-def class_coverage(probs: torch.Tensor, min_share: float = 0.0) -> int:
-    """How many classes are the top prediction of more than `min_share` of the samples (0: of at least one)."""
-    return int((class_histogram(probs) > min_share).sum())
+def covered_classes(histogram: torch.Tensor, min_share: float = DEFAULT_MIN_CLASS_SHARE) -> int:
+    """Classes that take at least `min_share` of the samples (and at least one sample, whatever `min_share`).
+
+    Why a share and not "any sample": a generator that collapses onto a few classes still lets a stray sample or
+    two fall into the others, and counting those would hide the collapse.
+    """
+    if not 0.0 <= min_share <= 1.0:
+        raise ValueError(f"min_share must be in [0, 1], got {min_share}")
+    histogram = histogram.double()
+    return int(((histogram > 0) & (histogram >= min_share - 1e-12)).sum())
+
+
+def histogram_kl_to_uniform(histogram: torch.Tensor) -> float:
+    """KL(h || uniform) of a class histogram h (shares summing to 1): 0 when balanced, log(K) when one class has all."""
+    histogram = histogram.double()
+    present = histogram[histogram > 0]
+    return float((present * (present * len(histogram)).log()).sum())
+
+
+def class_coverage(probs: torch.Tensor, min_share: float = DEFAULT_MIN_CLASS_SHARE) -> int:
+    """How many classes are the top prediction of at least `min_share` of the samples (`covered_classes`)."""
+    return covered_classes(class_histogram(probs), min_share)
 
 
 def kl_to_uniform(probs: torch.Tensor) -> float:
-    """KL(h || uniform) of the class histogram h: 0 for balanced classes, log(K) when one class takes all."""
-    histogram = class_histogram(probs)
-    present = histogram[histogram > 0]
-    return float((present * (present * len(histogram)).log()).sum())
+    """KL of the histogram of predicted classes to uniform: mode collapse raises it."""
+    return histogram_kl_to_uniform(class_histogram(probs))
 
 
 def mean_confidence(probs: torch.Tensor) -> float:
@@ -124,9 +144,14 @@ def fid_interval(
 
 
 def generative_scores(
-    real_features: torch.Tensor, fake_features: torch.Tensor, fake_probs: torch.Tensor, min_share: float = 0.0
+    real_features: torch.Tensor,
+    fake_features: torch.Tensor,
+    fake_probs: torch.Tensor,
+    min_share: float = DEFAULT_MIN_CLASS_SHARE,
 ) -> dict[str, float]:
-    """Every score at once, named as the tasks log them (`<split>/<name>`)."""
+    """Every score at once, named as the tasks log them (`<split>/<name>`): `coverage` counts the classes with at
+    least `min_share` of the samples, `kl_uniform` is the KL divergence of the predicted class histogram to
+    uniform."""
     scores = {"fid": frechet_distance(real_features, fake_features)}
     if min(len(real_features), len(fake_features)) > 3:  # k-NN manifolds with k = 3 (a tiny test run has fewer)
         scores["precision"], scores["recall"] = precision_recall(real_features, fake_features, k=3)

@@ -3,13 +3,16 @@
 It is a metric's model: its penultimate features give the domain FID and its class probabilities the coverage
 and class-balance scores (zoo.metrics.generative). It is trained once per dataset and cached, or taken from a
 zoo classification run; training it draws from a forked random generator, so a run is the same with or
-without the cache.
+without the cache. The cache file's name carries a digest of everything the classifier learns from (`scorer_key`:
+the datamodule, its split settings, the training images and labels, the classifier's own settings), so that a run
+with another split never scores with a classifier that saw its validation or test images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +27,30 @@ from zoo.nn.cnn import CNN
 from zoo.records import atomic_write_bytes, load_checkpoint_bytes, saved_run_config
 
 log = logging.getLogger(__name__)
+
+# datamodule attributes that decide which images land in the training split (or how they look)
+SPLIT_SETTINGS = (
+    "split_seed",
+    "val_fraction",
+    "test_fraction",
+    "train_fraction",
+    "folds",
+    "fold",
+    "train_per_class",
+    "image_size",
+    "pad",
+)
+# the classifier's own training settings, with the defaults `load_or_train_scorer` applies
+TRAINING_SETTINGS = {
+    "channels": [32, 64],
+    "hidden": 128,
+    "dropout": 0.3,
+    "epochs": 3,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "seed": 0,
+    "max_steps": None,
+}
 
 
 class DomainScorer:
@@ -51,37 +78,92 @@ class DomainScorer:
         return hidden.float(), logits.float().softmax(dim=1)
 
 
+def _plain(value: Any) -> Any:
+    """OmegaConf containers and tuples as JSON lists, so that equal settings give equal keys."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    hasher = hashlib.sha256()
+    for tensor in tensors:
+        array = tensor.detach().cpu().contiguous().numpy()
+        hasher.update(str((array.dtype.str, array.shape)).encode())
+        hasher.update(array.data)
+    return hasher.hexdigest()
+
+
+def scorer_key(spec: Mapping[str, Any], datamodule: Any) -> dict[str, Any]:
+    """Everything that changes what a cached scorer is trained on: the datamodule's class and name, its split
+    settings, a digest of the training images and labels (which also covers settings this list does not name, and
+    the data files themselves), the classes, and the classifier's own training settings. `datamodule` must be set
+    up (its `splits` filled)."""
+    x, y = datamodule.splits["train"]
+    return {
+        "datamodule": type(datamodule).__name__,
+        "name": _plain(getattr(datamodule, "name", None)),
+        "split": {k: _plain(getattr(datamodule, k)) for k in SPLIT_SETTINGS if hasattr(datamodule, k)},
+        "train": {"shape": list(x.shape), "sha256": _tensor_digest(x, y)},
+        "num_classes": int(datamodule.num_classes),
+        "classifier": {k: _plain(spec.get(k, default)) for k, default in TRAINING_SETTINGS.items()},
+    }
+
+
+def key_digest(key: Mapping[str, Any]) -> str:
+    """A short, stable digest of a scorer key: the suffix of the cache file's name."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_scorer_path(spec: Mapping[str, Any], datamodule: Any) -> Path | None:
+    """Where the scorer lives: `spec.ckpt_path` when given (used as it is), else `<cache_dir>/<name>_cnn-<digest>.pt`
+    with the digest of `scorer_key`, or None (train, never cache) without either."""
+    if spec.get("ckpt_path"):
+        return Path(str(spec["ckpt_path"])).expanduser()
+    if not spec.get("cache_dir"):
+        return None
+    datamodule.setup("fit")
+    name = str(getattr(datamodule, "name", None) or "images")
+    digest = key_digest(scorer_key(spec, datamodule))
+    return Path(str(spec["cache_dir"])).expanduser() / f"{name}_cnn-{digest}.pt"
+
+
 def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch.device, cache: bool) -> DomainScorer:
-    """The classifier at `spec.ckpt_path`: a cached scorer, or a classification run's checkpoint; else train one.
+    """The classifier at `cached_scorer_path`: a cached scorer, or a classification run's checkpoint; else train one.
 
     A checkpoint of `train.py experiment=cnn_mnist5k` (or any zoo classification run on the same images)
     is rebuilt from the config.yaml beside it and fed pixels in [0, 1]. Otherwise a CNN is trained on the
-    training split of the GAN's own data and written to `ckpt_path` (not when `cache` is false: fast dev runs).
+    training split of the GAN's own data and written to that path (not when `cache` is false: fast dev runs).
     Training runs under a forked RNG, so whether the cache existed does not change the GAN run.
     """
-    path = Path(str(spec["ckpt_path"])).expanduser() if spec.get("ckpt_path") else None
     datamodule.setup("fit")
+    path = cached_scorer_path(spec, datamodule)
     x, y = datamodule.splits["train"]
     data = f"{type(datamodule).__name__} {list(x.shape)}"  # what the scorer was trained on
+    key = scorer_key(spec, datamodule)
     devices = [device.index or 0] if device.type == "cuda" else []
     if path is not None and path.is_file():
         # building the network draws initial weights; from the run's RNG, they would make a run whose scorer was
         # cached differ from one that trained it
         with torch.random.fork_rng(devices=devices):
-            return load_scorer(path, device, data, list(x.shape[1:]), int(datamodule.num_classes))
+            return load_scorer(path, device, data, list(x.shape[1:]), int(datamodule.num_classes), key)
     if path is not None and path.suffix == ".ckpt":
         raise UserError(f"model.scorer.ckpt_path: no classifier checkpoint at '{path}'")
     x_val, y_val = datamodule.splits["val"]
     kwargs = {
         "input_shape": list(x.shape[1:]),
         "num_classes": int(datamodule.num_classes),
-        "channels": list(spec.get("channels", [32, 64])),
-        "hidden": int(spec.get("hidden", 128)),
-        "dropout": float(spec.get("dropout", 0.3)),
+        "channels": list(spec.get("channels", TRAINING_SETTINGS["channels"])),
+        "hidden": int(spec.get("hidden", TRAINING_SETTINGS["hidden"])),
+        "dropout": float(spec.get("dropout", TRAINING_SETTINGS["dropout"])),
     }
     max_steps = spec.get("max_steps") if cache else 1
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(spec.get("seed", 0)))
+        torch.manual_seed(int(spec.get("seed", TRAINING_SETTINGS["seed"])))
         net = CNN(**kwargs).to(device)
         steps = _fit_classifier(net, x.to(device), y.to(device), spec, max_steps)
     net.eval()
@@ -90,7 +172,14 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
     log.info("scoring classifier: %d steps, validation accuracy %.4f", steps, accuracy)
     if cache and path is not None:
         state = {k: v.cpu() for k, v in net.state_dict().items()}
-        scorer = {"kind": "zoo.gan.scorer", "net": kwargs, "state_dict": state, "accuracy": accuracy, "data": data}
+        scorer = {
+            "kind": "zoo.gan.scorer",
+            "net": kwargs,
+            "state_dict": state,
+            "accuracy": accuracy,
+            "data": data,
+            "key": json.dumps(key, sort_keys=True),
+        }
         buffer = io.BytesIO()
         torch.save(scorer, buffer)
         atomic_write_bytes(path, buffer.getvalue())
@@ -104,7 +193,19 @@ def short_digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:12]
 
 
-def load_scorer(path: Path, device: torch.device, data: str, image_shape: list[int], num_classes: int) -> DomainScorer:
+def load_scorer(
+    path: Path,
+    device: torch.device,
+    data: str,
+    image_shape: list[int],
+    num_classes: int,
+    key: Mapping[str, Any] | None = None,
+) -> DomainScorer:
+    """A cached scorer (refused when trained on data of another kind or shape) or a classification run's network.
+
+    A cached scorer trained under other settings than `key` (another split, say) is used, with a warning: a path
+    named by hand, or by `evaluate.py scorer_ckpt_path=`, is a deliberate choice of classifier.
+    """
     raw = path.read_bytes()  # read once: the digest and the checkpoint come from the same bytes
     checkpoint = load_checkpoint_bytes(raw, path, "model.scorer.ckpt_path")
     log.info("scoring classifier %s (sha256 %s)", path, short_digest(raw))
@@ -113,6 +214,13 @@ def load_scorer(path: Path, device: torch.device, data: str, image_shape: list[i
             raise UserError(
                 f"model.scorer.ckpt_path: the classifier at '{path}' was trained on {checkpoint.get('data')}, "
                 f"this run's data is {data}; give another path or delete the file"
+            )
+        stored = checkpoint.get("key")
+        if key is not None and stored is not None and stored != json.dumps(key, sort_keys=True):
+            log.warning(
+                "model.scorer.ckpt_path: the classifier at '%s' was trained on other settings than this run's "
+                "(split, training images or classifier settings); scores compare only under one scorer file",
+                path,
             )
         net = CNN(**checkpoint["net"])
         net.load_state_dict(checkpoint["state_dict"])
@@ -139,8 +247,9 @@ def load_scorer(path: Path, device: torch.device, data: str, image_shape: list[i
 
 def _fit_classifier(net: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Mapping[str, Any], max_steps: Any) -> int:
     """Adam on cross-entropy for `spec.epochs` shuffled epochs (or `max_steps`); returns the steps taken."""
-    epochs, batch_size = int(spec.get("epochs", 3)), int(spec.get("batch_size", 128))
-    optimizer = torch.optim.Adam(net.parameters(), lr=float(spec.get("lr", 1e-3)))
+    epochs = int(spec.get("epochs", TRAINING_SETTINGS["epochs"]))
+    batch_size = int(spec.get("batch_size", TRAINING_SETTINGS["batch_size"]))
+    optimizer = torch.optim.Adam(net.parameters(), lr=float(spec.get("lr", TRAINING_SETTINGS["lr"])))
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(len(x), device=x.device)

@@ -1,6 +1,7 @@
-"""What the adversarial tasks share: the GAN losses, the gradient penalty, the generator EMA, the divergence
-check, the settings Lightning cannot apply under manual optimization (GAN, PGGAN and CycleGAN import them), and
-`AdversarialTask`, the base of GAN and PGGAN: scoring, grids, samples, schedules and resume state.
+"""What the adversarial tasks share: the GAN losses, the gradient penalty, the generator EMA (with batch-norm
+statistics recomputed for its own weights), the divergence check, the settings Lightning cannot apply under manual
+optimization (GAN, PGGAN and CycleGAN import them), and `AdversarialTask`, the base of GAN and PGGAN: scoring,
+grids, samples, schedules and resume state.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from zoo.tasks import figures
 LOSSES = ("bce", "wasserstein", "hinge", "lsgan")
 BACKENDS = ("domain", "torchmetrics")
 GRID_SIZE = 64  # an 8x8 grid of samples from the fixed noise
+STANDING_BATCH_SIZE = 64  # latent batch size of the passes that recompute the EMA generator's batch-norm statistics
+STANDING_SEED_OFFSET = 1_000_003  # their noise: a stream of its own, apart from the scored samples' (eval_seed)
 
 
 def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -71,12 +74,55 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
 
 
 @torch.no_grad()
-def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average <- decay * average + (1 - decay) * model, for parameters; buffers (batch-norm statistics) are copied."""
+def update_ema(average: nn.Module, model: nn.Module, decay: float, copy_batch_norm_statistics: bool = True) -> None:
+    """average <- decay * average + (1 - decay) * model, for parameters; buffers are copied from `model`, except,
+    without `copy_batch_norm_statistics`, batch-norm statistics, left for `recompute_batch_norm_statistics`."""
     for smooth, current in zip(average.parameters(), model.parameters()):
         smooth.lerp_(current.detach().to(smooth.dtype), 1.0 - decay)
+    kept = set()
+    if not copy_batch_norm_statistics:
+        kept = {id(b) for m in average.modules() if is_batch_norm(m) for b in m.buffers(recurse=False)}
     for smooth, current in zip(average.buffers(), model.buffers()):
-        smooth.copy_(current)
+        if id(smooth) not in kept:
+            smooth.copy_(current)
+
+
+def has_batch_norm(network: nn.Module) -> bool:
+    """Whether `network` has statistics to recompute (PGGAN's pixel-normed generator has none)."""
+    return any(is_batch_norm(m) for m in network.modules())
+
+
+@torch.no_grad()
+def recompute_batch_norm_statistics(
+    network: nn.Module, latent_dim: int, batches: int, generator: torch.Generator, batch_size: int = STANDING_BATCH_SIZE
+) -> None:
+    """Batch-norm running statistics of `network`'s own activations: `batches` forward passes of latent batches in
+    training mode, averaged with equal weights (momentum None: a cumulative average), as BigGAN's "standing
+    statistics" (Brock et al., 2019) do for sampling.
+
+    Why: a weight average is a network of its own. Statistics copied from the live generator (or averaged like the
+    weights) describe other activations than the averaged weights produce, which shifts and rescales every
+    normalized layer at sampling time. The noise comes from `generator`, so the global random state is untouched
+    and the same weights always get the same statistics.
+    """
+    norms = [m for m in network.modules() if is_batch_norm(m)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None
+    reference = next(network.parameters())
+    was_training = network.training
+    network.train()
+    try:
+        for _ in range(batches):
+            z = torch.randn(batch_size, latent_dim, generator=generator)
+            network(z.to(device=reference.device, dtype=reference.dtype))
+    finally:
+        network.train(was_training)
+        for module, momentum in zip(norms, momenta):
+            module.momentum = momentum
 
 
 def ramped_decay(decay: float, steps: int) -> float:
@@ -137,7 +183,10 @@ class AdversarialTask(L.LightningModule):
     `val/*` and `test/*`, the per-network schedules, gradient clipping, and step counters for exact resume.
 
     With `ema_decay`, an exponential moving average of the generator's weights (Yazici et al., 2019) makes the
-    samples, grids and scores: it smooths out the oscillation of adversarial training at no cost in steps.
+    samples, grids and scores: it smooths out the oscillation of adversarial training at no cost in steps. Its
+    batch-norm statistics are recomputed from its own activations (`ema_bn_batches` latent batches, see
+    `recompute_batch_norm_statistics`) before it samples or is scored or saved; `ema_bn_batches=0` copies the live
+    generator's statistics at every update instead.
     """
 
     def __init__(
@@ -158,12 +207,17 @@ class AdversarialTask(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None,
         scheduler: Callable[..., Any] | None,
         monitor: str,
+        ema_bn_batches: int = 16,
     ) -> None:
         super().__init__()
         check_manual_optimization_settings(gradient_clip_val, accumulate_grad_batches)
         _check_penalty(gp_weight, discriminator)
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise UserError(f"model.ema_decay: must be in [0, 1) or null, got {ema_decay}")
+        if isinstance(ema_bn_batches, bool) or not isinstance(ema_bn_batches, int) or ema_bn_batches < 0:
+            raise UserError(f"model.ema_bn_batches: must be an integer >= 0, got {ema_bn_batches!r}")
+        if not 0.0 <= min_class_share <= 1.0:
+            raise UserError(f"model.min_class_share: must be in [0, 1], got {min_class_share}")
         backend = (scorer or {}).get("backend", "domain")
         if backend not in BACKENDS:
             raise UserError(f"model.scorer.backend: unknown '{backend}'; allowed: {', '.join(BACKENDS)}")
@@ -177,8 +231,9 @@ class AdversarialTask(L.LightningModule):
         self.scorer_spec = dict(scorer) if scorer is not None else None
         self.min_class_share, self.eval_seed, self.grid_every = min_class_share, eval_seed, grid_every_n_epochs
         self.latent_dim = int(generator.latent_dim)
-        self.ema_decay = ema_decay
+        self.ema_decay, self.ema_bn_batches = ema_decay, ema_bn_batches
         self.generator_ema = copy.deepcopy(generator).requires_grad_(False) if ema_decay is not None else None
+        self._ema_statistics_stale = True  # the EMA's batch-norm statistics lag its weights until recomputed
         noise = torch.randn(GRID_SIZE, self.latent_dim, generator=torch.Generator().manual_seed(fixed_noise_seed))
         self.register_buffer("fixed_noise", noise)  # in the checkpoint: a resumed run draws the same grid
         self.train_loss_d, self.train_loss_g = MeanMetric(), MeanMetric()
@@ -268,9 +323,28 @@ class AdversarialTask(L.LightningModule):
         if (self.current_epoch + 1) % max(1, self.grid_every) == 0:
             self._log_grid()
 
+    def update_generator_ema(self, decay: float) -> None:
+        """One EMA step of the generator's weights (and, with `ema_bn_batches=0`, a copy of its statistics)."""
+        if self.generator_ema is None:
+            return
+        update_ema(self.generator_ema, self.generator, decay, copy_batch_norm_statistics=self.ema_bn_batches == 0)
+        self._ema_statistics_stale = True
+
+    def refresh_ema_statistics(self) -> None:
+        """Recomputes the EMA generator's batch-norm statistics if its weights moved since they were last computed;
+        the same weights always get the same statistics (the noise is seeded from `eval_seed`)."""
+        network = self.generator_ema
+        if network is None or self.ema_bn_batches == 0 or not self._ema_statistics_stale:
+            return
+        if has_batch_norm(network):
+            noise = torch.Generator().manual_seed(self.eval_seed + STANDING_SEED_OFFSET)
+            recompute_batch_norm_statistics(network, self.latent_dim, self.ema_bn_batches, noise)
+        self._ema_statistics_stale = False
+
     @torch.no_grad()
     def sample(self, z: torch.Tensor) -> torch.Tensor:
         """Images from noise with the sampling generator in eval mode (batch norm uses its running statistics)."""
+        self.refresh_ema_statistics()
         network = self.sampler
         was_training = network.training
         network.eval()
@@ -292,6 +366,7 @@ class AdversarialTask(L.LightningModule):
     # ---- scoring -----------------------------------------------------------------------------------------------
 
     def _start_scoring(self) -> None:
+        self.refresh_ema_statistics()
         self._eval_noise = torch.Generator().manual_seed(self.eval_seed)  # the same samples at every evaluation
         self._scored = {"real": [], "fake": [], "probs": []}
         if self.scorer is not None:
@@ -364,10 +439,18 @@ class AdversarialTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gan_steps"] = {"d_steps": self.d_steps, "g_steps": self.g_steps}
+        if self.generator_ema is not None and self._ema_statistics_stale and self.ema_bn_batches > 0:
+            # the saved EMA generator samples as it does here, also for code that reads its state_dict directly
+            self.refresh_ema_statistics()
+            saved = checkpoint.get("state_dict", {})
+            for name, buffer in self.generator_ema.named_buffers():
+                if f"generator_ema.{name}" in saved:
+                    saved[f"generator_ema.{name}"] = buffer.detach().clone()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         steps = checkpoint.get("gan_steps", {})
         self.d_steps, self.g_steps = int(steps.get("d_steps", 0)), int(steps.get("g_steps", 0))
+        self._ema_statistics_stale = True  # recomputed from the loaded weights, by this code's rule, before use
 
 
 def _check_penalty(gp_weight: float, discriminator: nn.Module) -> None:

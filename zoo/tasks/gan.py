@@ -5,6 +5,9 @@ gradient penalty, spectral norm inside the network) and the optimizer settings. 
 for n_critic discriminator steps per generator step; gradient clipping and accumulation are done here because
 Lightning does them only in automatic mode. Validation and test score the generator with a domain classifier
 (zoo.metrics.generative): checkpoints keep the generator with the best validation FID.
+
+WGAN's critic schedule follows the authors' reference code with `critic_warmup`: 100 critic steps before each of the
+first 25 generator steps and before every 500th, `n_critic` otherwise (`CriticSchedule`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from zoo.errors import UserError
+from zoo.metrics.generative import DEFAULT_MIN_CLASS_SHARE
 from zoo.tasks.adversarial import (
     LOSSES,
     AdversarialTask,
@@ -25,10 +29,58 @@ from zoo.tasks.adversarial import (
     gradient_penalty,
     ramped_decay,
     refuse_automatic_only_settings,
-    update_ema,
 )
 
 log = logging.getLogger(__name__)
+
+WARMUP_CRITIC_STEPS = 100  # Arjovsky et al.'s reference code: Diters = 100 ...
+WARMUP_GENERATOR_STEPS = 25  # ... while gen_iterations < 25 ...
+WARMUP_EVERY = 500  # ... or gen_iterations % 500 == 0
+
+
+class CriticSchedule:
+    """How many critic steps precede each generator step: `n_critic`, or with `warmup` the WGAN reference code's
+    schedule (Arjovsky et al., 2017): 100 for the first 25 generator steps and for every 500th, so that the critic
+    is near its optimum, and its Wasserstein estimate meaningful, where the generator most needs it.
+
+    The counts depend only on the generator step, so the task needs no state beyond its step counters to know
+    whether a generator step is due (and a resumed run continues the schedule exactly). The reference code also
+    cuts a critic run short where its data loader's epoch ends; here the run carries over into the next epoch, so
+    that the schedule does not depend on the size of the data set.
+    """
+
+    def __init__(self, n_critic: int, warmup: bool = False) -> None:
+        self.n_critic, self.warmup = n_critic, warmup
+
+    def critic_steps(self, g_step: int) -> int:
+        """Critic steps before generator step `g_step` (counted from 0)."""
+        if self.warmup and (g_step < WARMUP_GENERATOR_STEPS or g_step % WARMUP_EVERY == 0):
+            return WARMUP_CRITIC_STEPS
+        return self.n_critic
+
+    def critic_steps_before(self, g_steps: int) -> int:
+        """Critic steps that the first `g_steps` generator steps take in all (a closed form of the sum)."""
+        if not self.warmup:
+            return g_steps * self.n_critic
+        warm = min(g_steps, WARMUP_GENERATOR_STEPS)
+        later = max(0, g_steps - WARMUP_GENERATOR_STEPS)
+        extra = max(0, g_steps - 1) // WARMUP_EVERY  # generator steps 500, 1000, ... below g_steps
+        return warm * WARMUP_CRITIC_STEPS + later * self.n_critic + extra * (WARMUP_CRITIC_STEPS - self.n_critic)
+
+    def generator_step_due(self, d_steps: int, g_steps: int) -> bool:
+        """Whether the generator steps after `d_steps` critic steps, `g_steps` generator steps having been taken."""
+        return d_steps - self.critic_steps_before(g_steps) >= self.critic_steps(g_steps)
+
+    def generator_steps(self, d_steps: int) -> int:
+        """Generator steps that `d_steps` critic steps allow (what a per-step learning-rate schedule needs)."""
+        low, high = 0, d_steps  # the largest g with critic_steps_before(g) <= d_steps
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.critic_steps_before(middle) <= d_steps:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
 
 class GANTask(AdversarialTask):
@@ -55,7 +107,7 @@ class GANTask(AdversarialTask):
         gradient_clip_val: float | None = None,
         accumulate_grad_batches: int = 1,
         scorer: Mapping[str, Any] | None = None,
-        min_class_share: float = 0.0,
+        min_class_share: float = DEFAULT_MIN_CLASS_SHARE,
         fixed_noise_seed: int = 0,
         eval_seed: int = 0,
         grid_every_n_epochs: int = 1,
@@ -63,6 +115,8 @@ class GANTask(AdversarialTask):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         monitor: str = "val/fid",
+        critic_warmup: bool = False,
+        ema_bn_batches: int = 16,
     ) -> None:
         if loss not in LOSSES:
             raise UserError(f"model.loss: unknown '{loss}'; allowed: {', '.join(LOSSES)}")
@@ -70,6 +124,8 @@ class GANTask(AdversarialTask):
             raise UserError(f"model.n_critic: must be an integer >= 1, got {n_critic!r}")
         if clip_value is not None and clip_value <= 0:
             raise UserError(f"model.clip_value: must be > 0 or null, got {clip_value}")
+        if not isinstance(critic_warmup, bool):
+            raise UserError(f"model.critic_warmup: must be true or false, got {critic_warmup!r}")
         super().__init__(
             generator,
             discriminator,
@@ -87,8 +143,10 @@ class GANTask(AdversarialTask):
             optimizer=optimizer,
             scheduler=scheduler,
             monitor=monitor,
+            ema_bn_batches=ema_bn_batches,
         )
         self.loss_kind, self.n_critic, self.clip_value = loss, n_critic, clip_value
+        self.critic_schedule = CriticSchedule(n_critic, critic_warmup)
 
     def configure_callbacks(self) -> list[Any]:
         """Lightning calls this before it checks the trainer, so settings it cannot honour fail here in one line."""
@@ -100,7 +158,7 @@ class GANTask(AdversarialTask):
         if self.make_scheduler is None:
             return [opt_g, opt_d]
         d_steps = max(1, int(self.trainer.estimated_stepping_batches) // self.accumulate)
-        g_steps = max(1, d_steps // self.n_critic)
+        g_steps = max(1, self.critic_schedule.generator_steps(d_steps))
         return [opt_g, opt_d], [self._schedule(opt_g, g_steps), self._schedule(opt_d, d_steps)]
 
     # ---- training ----------------------------------------------------------------------------------------------
@@ -136,7 +194,7 @@ class GANTask(AdversarialTask):
                 for param in self.discriminator.parameters():
                     param.clamp_(-self.clip_value, self.clip_value)
         self.d_steps += 1
-        if self.d_steps % self.n_critic != 0:
+        if not self.critic_schedule.generator_step_due(self.d_steps, self.g_steps):
             return
 
         self.discriminator.requires_grad_(False)  # the generator's step needs no critic gradients
@@ -153,4 +211,4 @@ class GANTask(AdversarialTask):
         self._step(opt_g, 0)
         self.g_steps += 1
         if self.generator_ema is not None:
-            update_ema(self.generator_ema, self.generator, ramped_decay(self.ema_decay, self.g_steps))
+            self.update_generator_ema(ramped_decay(self.ema_decay, self.g_steps))

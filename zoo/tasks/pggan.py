@@ -6,10 +6,15 @@ update and one generator update on a batch of the current resolution's size, dra
 tensor, so the batch size can change with the phase while the run stays a function of (seed, step): a resumed
 run draws the same images, noise and penalties as an uninterrupted one. The loss is WGAN-GP with the paper's
 drift penalty; the generator's exponential moving average makes the samples, grids and scores.
+
+Grids, validation and test show the phase that was just trained (`GrowthSchedule.after`), not the one the next step
+enters. With `reset_optimizer_per_phase` both optimizers' state is cleared where each later phase begins, as the
+paper's reference code does (`reset_opt_for_new_lod`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -25,7 +30,7 @@ from torchmetrics import MeanMetric
 
 from zoo.errors import UserError
 from zoo.internals import max_epochs, set_max_epochs
-from zoo.metrics.generative import frechet_distance
+from zoo.metrics.generative import DEFAULT_MIN_CLASS_SHARE, frechet_distance
 from zoo.records import load_checkpoint
 from zoo.tasks.adversarial import (
     AdversarialTask,
@@ -34,7 +39,6 @@ from zoo.tasks.adversarial import (
     gradient_penalty,
     ramped_decay,
     refuse_automatic_only_settings,
-    update_ema,
 )
 
 log = logging.getLogger(__name__)
@@ -124,6 +128,22 @@ class GrowthSchedule:
             images += steps * size
         raise AssertionError("unreachable")
 
+    def after(self, steps: int) -> Phase:
+        """The phase the networks are in after `steps` completed steps: that of the last step taken, its counts and
+        alpha as that step left them (a fade-in that just ended has alpha 1). What validation, grids and samples
+        show: `at(steps)` is already the next phase where a phase has just ended."""
+        if steps <= 0:
+            return self.at(0)
+        last = self.at(steps - 1)
+        shown = last.images_in_phase + last.batch_size
+        alpha = min(1.0, shown / self.images_per_phase) if last.fading else 1.0
+        return dataclasses.replace(last, alpha=alpha, images_in_phase=shown, images=last.images + last.batch_size)
+
+    def starts_phase(self, step: int) -> bool:
+        """Whether the step that follows `step` completed steps is the first of a phase after the first one."""
+        phase = self.at(step)
+        return phase.index > 0 and phase.images_in_phase == 0
+
 
 def resize_real(images: torch.Tensor, resolution: int, alpha: float = 1.0) -> torch.Tensor:
     """Real images at `resolution` by average pooling; in a fade-in, blended with their 2x coarser version
@@ -141,8 +161,15 @@ class PGGANTask(AdversarialTask):
 
     Logs per step `train/resolution`, `train/alpha` and `train/kimg` (thousands of images shown), per epoch
     `train/loss_d`, `train/loss_g`, `train/gp`, `train/drift`, `train/wasserstein` and an 8x8 grid of the EMA
-    generator's samples at the current resolution (nearest-upsampled to the data's size). Validation and test
-    score the EMA generator at the phase the run (or checkpoint) is in, upsampled to the data's size.
+    generator's samples at the resolution just trained (nearest-upsampled to the data's size). Validation and test
+    score the EMA generator at the final resolution and log the resolution and alpha of the phase that was just
+    trained (`val/resolution`, `val/alpha`, `test/resolution`).
+
+    Both networks hold every block from the start, so one optimizer per network serves the whole schedule. With
+    `reset_optimizer_per_phase`, their state (Adam's moments and step count, hence its bias correction) is cleared
+    where each phase after the first begins, while the learning rates stay: what the paper's reference code does
+    with `reset_opt_for_new_lod=True` (its default), which re-initializes the optimizers' variables, not the
+    optimizers, whenever the level of detail's floor or ceiling changes: where a fade-in begins and where it ends.
     """
 
     def __init__(
@@ -160,13 +187,14 @@ class PGGANTask(AdversarialTask):
         gradient_clip_val: float | None = None,
         shuffle_seed: int = 0,
         scorer: Mapping[str, Any] | None = None,
-        min_class_share: float = 0.0,
+        min_class_share: float = DEFAULT_MIN_CLASS_SHARE,
         fixed_noise_seed: int = 0,
         eval_seed: int = 0,
         grid_every_n_epochs: int = 1,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         monitor: str = "val/fid",
+        reset_optimizer_per_phase: bool = False,
     ) -> None:
         super().__init__(
             generator,
@@ -190,6 +218,11 @@ class PGGANTask(AdversarialTask):
         self.schedule = GrowthSchedule(list(resolutions), images_per_phase, batch_sizes)
         if drift_weight < 0:
             raise UserError(f"model.drift_weight: must be >= 0, got {drift_weight}")
+        if not isinstance(reset_optimizer_per_phase, bool):
+            raise UserError(
+                f"model.reset_optimizer_per_phase: must be true or false, got {reset_optimizer_per_phase!r}"
+            )
+        self.reset_optimizer_per_phase = reset_optimizer_per_phase
         self.drift_weight, self.shuffle_seed = drift_weight, shuffle_seed
         self.train_drift = MeanMetric()
         self.phase_seconds: list[float] = [0.0] * len(self.schedule.phases)
@@ -200,6 +233,11 @@ class PGGANTask(AdversarialTask):
     def phase(self) -> Phase:
         """The phase of the next training step (after training: the last phase reached)."""
         return self.schedule.at(self.d_steps)
+
+    @property
+    def trained_phase(self) -> Phase:
+        """The phase of the last step taken, as that step left it: what samples, grids and scores show."""
+        return self.schedule.after(self.d_steps)
 
     def run_eval_mode(self, mode: str, cfg: Any) -> dict[str, float]:
         """`evaluate.py mode=sample`: the fixed-noise grid at the checkpoint's phase (its step count says which)."""
@@ -277,6 +315,9 @@ class PGGANTask(AdversarialTask):
         phase = self.phase
         resolution, alpha = phase.resolution, phase.alpha
         opt_g, opt_d = self.optimizers()
+        if self.reset_optimizer_per_phase and self.schedule.starts_phase(self.d_steps):
+            for optimizer in (opt_g, opt_d):
+                getattr(optimizer, "optimizer", optimizer).state.clear()  # moments and step count; lr stays
         real = self._real_batch(phase)
         critic = functools.partial(self.discriminator, resolution=resolution, alpha=alpha)
 
@@ -304,8 +345,7 @@ class PGGANTask(AdversarialTask):
         self._step(opt_g, 0)
         self.g_steps += 1
         if self.generator_ema is not None:
-            decay = ramped_decay(self.ema_decay, self.schedule.steps_at_resolution(phase))
-            update_ema(self.generator_ema, self.generator, decay)
+            self.update_generator_ema(ramped_decay(self.ema_decay, self.schedule.steps_at_resolution(phase)))
 
         self.train_loss_d.update(loss_d.detach())
         self.train_loss_g.update(loss_g.detach())
@@ -329,9 +369,9 @@ class PGGANTask(AdversarialTask):
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor, ema: bool = True, final: bool = False) -> torch.Tensor:
-        """Images in [-1, 1] at the data's size: of the current phase, nearest-upsampled (what the grids show), or
-        with `final` from the final resolution's output (what is scored; the current alpha while it fades in)."""
-        phase = self.phase
+        """Images in [-1, 1] at the data's size: of the phase just trained, nearest-upsampled (what the grids show),
+        or with `final` from the final resolution's output (what is scored; that phase's alpha while it fades in)."""
+        phase = self.trained_phase
         network = self.sampler if ema else self.generator
         resolution = self.schedule.final_resolution if final else phase.resolution
         alpha = phase.alpha if phase.resolution == resolution else 1.0
@@ -355,7 +395,7 @@ class PGGANTask(AdversarialTask):
         self._scored["real"].append(real_features)
         self._scored["fake"].append(fake_features)
         self._scored["probs"].append(fake_probs)
-        if self.phase.resolution != self.schedule.final_resolution:
+        if self.trained_phase.resolution != self.schedule.final_resolution:
             self._scored.setdefault("fake_current", []).append(self.scorer(self.generate(z, ema=True))[0])
         if self.inception is not None:
             to_rgb = lambda x: ((x.float() + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1)  # noqa: E731
@@ -365,7 +405,7 @@ class PGGANTask(AdversarialTask):
 
     def on_validation_epoch_end(self) -> None:
         if self._scored.get("real"):
-            phase = self.phase
+            phase = self.trained_phase
             self.log("val/resolution", float(phase.resolution))
             self.log("val/alpha", float(phase.alpha))
             current = self._scored.pop("fake_current", None) or self._scored["fake"]
@@ -374,7 +414,7 @@ class PGGANTask(AdversarialTask):
 
     def on_test_epoch_end(self) -> None:
         if self._scored.get("real"):
-            self.log("test/resolution", float(self.phase.resolution))
+            self.log("test/resolution", float(self.trained_phase.resolution))
             self._scored.pop("fake_current", None)
         super().on_test_epoch_end()
 
