@@ -98,7 +98,9 @@ class StreamingDataModule(L.LightningDataModule):
             str(Path(self._split_dir(split)).expanduser()) if "://" not in self.path else self._split_dir(split),
             shuffle=shuffle,
             seed=self.shuffle_seed,
-            drop_last=self.drop_last if shuffle else False,
+            # None: LitData's default, which under DDP drops the last samples so that every rank takes as many
+            # batches (a rank with one more would wait for the others forever)
+            drop_last=(True if self.drop_last else None) if shuffle else False,
             transform=_Decode(self.scale),
             **options,
         )
