@@ -38,6 +38,27 @@ def compose_config(overrides: Sequence[str], folder: Path, run: str = "run") -> 
     return cfg
 
 
+def train_quietly(cfg: DictConfig) -> tuple[dict[str, float], float]:
+    """Train and test `cfg` in this process with its console output in the run folder's stdout.txt; its metrics
+    (the fold means under cv.folds) and wall time."""
+    import contextlib
+    import json
+    import time
+
+    from zoo.run import train
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with (output_dir / "stdout.txt").open("w") as log, contextlib.redirect_stdout(log):
+        train(cfg)
+    seconds = time.perf_counter() - start
+    report = output_dir / "cv.json"
+    if report.is_file():
+        return json.loads(report.read_text())["mean"], seconds
+    return json.loads((output_dir / "metrics.json").read_text()), seconds
+
+
 def quiet_lightning() -> None:
     """Lightning's INFO lines and known harmless warnings would bury the table."""
     import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO; quiet them after it)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import tempfile
@@ -35,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import QUIET, compose_config, mean_std, quiet_lightning, table
+from common import QUIET, compose_config, mean_std, quiet_lightning, table, train_quietly
 
 PRETRAIN_SEED = 0
 
@@ -58,16 +57,9 @@ class Row:
 
 def run(overrides: list[str], folder: Path, name: str) -> tuple[dict[str, float], float, Path]:
     """One `train.py` run in this process: its metrics.json, its wall time and its folder."""
-    from zoo.run import train
-
     cfg = compose_config([*overrides, "logger=none", *QUIET], folder, name)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with (output_dir / "stdout.txt").open("w") as log, contextlib.redirect_stdout(log):
-        train(cfg)
-    seconds = time.perf_counter() - start
-    return json.loads((output_dir / "metrics.json").read_text()), seconds, output_dir
+    metrics, seconds = train_quietly(cfg)
+    return metrics, seconds, Path(cfg.paths.output_dir)
 
 
 def majority_floor(folder: Path) -> float:

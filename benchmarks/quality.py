@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import CONFIG_DIR, QUIET, compose_config, quiet_lightning, table
+from common import CONFIG_DIR, QUIET, compose_config, quiet_lightning, table, train_quietly
 from omegaconf import DictConfig
 
 
@@ -57,16 +55,7 @@ def experiment_config(experiment: str, seed: int, max_epochs: int | None, folder
 
 def run_once(experiment: str, seed: int, max_epochs: int | None, folder: Path) -> Run:
     """Train and test one seed; Lightning's console output goes to the run folder's stdout.txt."""
-    from zoo.run import train
-
-    cfg = experiment_config(experiment, seed, max_epochs, folder)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with (output_dir / "stdout.txt").open("w") as log, contextlib.redirect_stdout(log):
-        train(cfg)
-    seconds = time.perf_counter() - start
-    metrics = json.loads((output_dir / "metrics.json").read_text())
+    metrics, seconds = train_quietly(experiment_config(experiment, seed, max_epochs, folder))
     return Run(seed, float(metrics["test/acc"]), seconds)
 
 

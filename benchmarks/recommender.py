@@ -25,15 +25,13 @@ ranked leave-one-out beside popularity on the same candidates.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import QUIET, compose_config, mean_std, quiet_lightning, table
+from common import QUIET, compose_config, mean_std, quiet_lightning, table, train_quietly
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,19 +42,7 @@ SURPRISE_SVD, SURPRISE_SVDPP = 0.934, 0.919
 
 def run(overrides: list[str], folder: Path, name: str) -> tuple[dict[str, float], float]:
     """Train and test through zoo.run.train; its metrics (CV means with cv.folds) and the wall time."""
-    from zoo.run import train
-
-    cfg = compose_config([*overrides, *QUIET, "logger=none"], folder, run=name)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with (output_dir / "stdout.txt").open("w") as log, contextlib.redirect_stdout(log):
-        train(cfg)
-    seconds = time.perf_counter() - start
-    report = output_dir / "cv.json"
-    if report.is_file():
-        return json.loads(report.read_text())["mean"], seconds
-    return json.loads((output_dir / "metrics.json").read_text()), seconds
+    return train_quietly(compose_config([*overrides, *QUIET, "logger=none"], folder, run=name))
 
 
 # the explicit target of the zoo recipe on MovieLens 100K, 5-fold
