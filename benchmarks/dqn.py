@@ -12,7 +12,13 @@ whole run.
     python benchmarks/dqn.py --seeds 1 --speed-steps 0                 # one seed, no speed pair
     python benchmarks/dqn.py --seeds "" --speed-steps 30000            # only the speed pair (dqn_cartpole_cleanrl)
     python benchmarks/dqn.py --experiment dqn_lunarlander --seeds 1,2,3
-    python benchmarks/dqn.py --experiment dqn_cartpole --seeds 1 --extra model.dueling=true   # an ablation row
+    python benchmarks/dqn.py --experiment dqn_cartpole --seeds 1 --extra model.net.dueling=true   # an ablation row
+    python benchmarks/dqn.py --seeds "" --speed-experiment dqn_cartpole --speed-steps 20000 --repeats 3 \\
+        --speed-ablation model.prioritized=true          # the zoo without and with prioritized replay, alternated
+
+What an option costs in speed is measured the same way: `--speed-ablation` alternates zoo runs without and with the
+given overrides (same seed, same thread count) in place of the plain loop, and prints the whole run's steps/s and
+those of the learning phase (after model.learning_starts), where the gradient steps are.
 """
 
 from __future__ import annotations
@@ -262,6 +268,42 @@ def speed_pair(args: argparse.Namespace, root: Path) -> None:
     )
 
 
+def speed_ablation(args: argparse.Namespace, root: Path) -> None:
+    import torch
+
+    experiment, steps, ablation = args.speed_experiment, args.speed_steps, list(args.speed_ablation)
+    extra = [
+        f"data.total_steps={steps}",
+        f"data.steps_per_epoch={steps}",
+        "data.eval_episodes=1",
+        "data.test_episodes=1",
+        "model.gif=false",
+        *args.extra,
+    ]
+    learning_starts = compose_run(experiment, 1, root / "ablation_config", extra).model.learning_starts
+    if steps <= learning_starts:
+        raise SystemExit(f"--speed-steps must exceed model.learning_starts ({learning_starts})")
+    print(f"\nspeed: {experiment}, {steps} env steps a run (learning from step {learning_starts}), "
+          f"{torch.get_num_threads()} thread(s), without and with {' '.join(ablation)}, runs alternate")  # fmt: skip
+    print(f"{'run':>4}  {'side':>7}  {'whole-run steps/s':>17}  {'learning steps/s':>16}  load")
+    figures: dict[str, list[tuple[float, float]]] = {"without": [], "with": []}
+    for repeat in range(args.repeats):
+        for side, overrides in (("without", extra), ("with", [*extra, *ablation])):
+            metrics = run_zoo(experiment, 1, root / f"ablation_{side}_{repeat}", overrides)
+            timer = clock()
+            learning = (timer.steps - timer.free_steps) / max(timer.seconds - timer.free_seconds, 1e-9)
+            figures[side].append((metrics["steps_per_s"], learning))
+            print(f"{repeat + 1:>4}  {side:>7}  {metrics['steps_per_s']:17.0f}  {learning:16.0f}  "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    (w_whole, w_learn), (a_whole, a_learn) = (
+        (statistics.median(v) for v in zip(*figures[side])) for side in ("without", "with")
+    )
+    print(
+        f"median: whole run without {w_whole:.0f}, with {a_whole:.0f}, ratio {a_whole / w_whole:.2f}; "
+        f"learning phase without {w_learn:.0f}, with {a_learn:.0f}, ratio {a_learn / w_learn:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="dqn_cartpole")
@@ -272,6 +314,12 @@ def main() -> None:
     parser.add_argument("--speed-experiment", default="dqn_cartpole_cleanrl")
     parser.add_argument("--speed-steps", type=int, default=30_000, help="env steps of each run of the speed pair")
     parser.add_argument("--repeats", type=int, default=2, help="alternations of the speed pair (medians printed)")
+    parser.add_argument(
+        "--speed-ablation",
+        nargs="*",
+        default=[],
+        help="overrides the speed pair compares the zoo without and with, e.g. model.prioritized=true",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args()
@@ -291,7 +339,9 @@ def main() -> None:
     print(f"{args.experiment}: seeds {args.seeds or 'none'}, {args.threads} thread(s), "
           f"load average {os.getloadavg()[0]:.2f}, extra {args.extra}")  # fmt: skip
     seed_rows(args, root)
-    if args.speed_steps:
+    if args.speed_steps and args.speed_ablation:
+        speed_ablation(args, root)
+    elif args.speed_steps:
         speed_pair(args, root)
     print(f"runs in {root}")
 

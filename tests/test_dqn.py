@@ -21,6 +21,7 @@ from zoo.tasks.dqn import (
     NStepQueue,
     PrioritizedReplayBuffer,
     ReplayBuffer,
+    SumTree,
     linear_schedule,
     td_targets,
     update_target,
@@ -76,27 +77,132 @@ def test_buffer_state_round_trips() -> None:
         ReplayBuffer(8, (3,), torch.float32, torch.device("cpu")).load_state_dict(a.state_dict())
 
 
-def test_prioritized_sampling_is_proportional_to_priority_to_the_alpha() -> None:
-    """Four rows with TD errors 1, 2, 4, 8 and alpha 0.5: drawn 1 : 1.41 : 2 : 2.83, weighted (N P)^-beta / max."""
-    buffer = PrioritizedReplayBuffer(8, (1,), torch.float32, torch.device("cpu"), alpha=0.5, eps=0.0)
-    rows = torch.arange(4, dtype=torch.float32)
-    buffer.add(rows[:, None], rows.long(), rows, rows[:, None], torch.ones(4))
-    assert torch.equal(buffer.priorities[:4], torch.ones(4, dtype=torch.float64))  # new rows: the largest priority
-    buffer.update_priorities(torch.arange(4), torch.tensor([1.0, -2.0, 4.0, 8.0]))
-    expected = torch.tensor([1.0, 2.0, 4.0, 8.0]).sqrt()
-    expected /= expected.sum()
-    (_, actions, *_), index, weights = buffer.sample_prioritized(200_000, torch.Generator().manual_seed(0), beta=1.0)
-    assert torch.equal(actions, index)  # the sampled rows are the indexed ones
-    frequencies = torch.bincount(index, minlength=4).double() / len(index)
-    assert torch.allclose(frequencies, expected.double(), atol=0.005), frequencies
-    by_row = {int(i): float(w) for i, w in zip(index[:100], weights[:100])}
-    for row, weight in by_row.items():
-        assert weight == pytest.approx(float((expected[row] / expected[0]) ** -1.0), rel=1e-5)
-    buffer.add(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.zeros(1, 1), torch.ones(1))
-    assert buffer.priorities[4] == pytest.approx(8.0**0.5)  # a new row gets the largest priority so far
-    restored = PrioritizedReplayBuffer(8, (1,), torch.float32, torch.device("cpu"), alpha=0.5, eps=0.0)
+def prioritized_buffer(capacity: int, td_errors: list[float], alpha: float = 0.5) -> PrioritizedReplayBuffer:
+    """A buffer of len(td_errors) one-number rows (row k holds k), whose priorities come from those TD errors."""
+    buffer = PrioritizedReplayBuffer(capacity, (1,), torch.float32, torch.device("cpu"), alpha=alpha, eps=1e-6)
+    rows = torch.arange(len(td_errors), dtype=torch.float32)
+    buffer.add(rows[:, None], rows.long(), rows, rows[:, None], torch.ones(len(rows)))
+    buffer.update_priorities(torch.arange(len(rows)), torch.tensor(td_errors))
+    return buffer
+
+
+def test_sum_tree_sums_equal_brute_force_after_updates_and_wrap_around() -> None:
+    """13 rows (not a power of two) filled three times over by both add paths, priorities updated at random: every
+    inner node holds the sum (and minimum) of its leaves, new rows the largest priority so far."""
+    rng = np.random.default_rng(0)
+    buffer = PrioritizedReplayBuffer(13, (2,), torch.float32, torch.device("cpu"), alpha=0.6, eps=1e-3)
+    tree, largest = buffer.tree, 1.0
+    for step in range(20):
+        count = int(rng.integers(1, 5))
+        start = buffer.position
+        rows = rng.normal(size=(count, 2)).astype(np.float32)
+        if step % 2:
+            buffer.add_arrays(rows, np.zeros(count, dtype=np.int64), np.zeros(count), rows, np.ones(count))
+        else:
+            buffer.add(*(torch.from_numpy(x) for x in (rows, np.zeros(count, dtype=np.int64))), torch.zeros(count),
+                       torch.from_numpy(rows), torch.ones(count))  # fmt: skip
+        new = (start + np.arange(count)) % 13
+        assert np.all(buffer.priorities[new] == buffer.max_priority)
+        index = torch.from_numpy(rng.integers(0, buffer.size, size=6))
+        td_errors = torch.from_numpy(rng.normal(scale=3.0, size=13)[index])  # a row drawn twice: one TD error
+        buffer.update_priorities(index, td_errors)
+        expected = (td_errors.abs().numpy() + 1e-3) ** 0.6
+        assert np.allclose(buffer.priorities[index.numpy()], expected)
+        largest = max(largest, expected.max())
+        assert buffer.max_priority == largest
+        leaves = tree.sums[tree.leaves :]
+        assert np.all(leaves[buffer.size :] == 0)
+        for node in range(1, tree.leaves):  # node covers leaves [first, first + width)
+            width = tree.leaves >> (node.bit_length() - 1)
+            first = node * width - tree.leaves
+            covered = leaves[first : first + width]
+            assert tree.sums[node] == pytest.approx(covered.sum(), rel=1e-12), node
+            positive = covered[covered > 0]
+            assert tree.mins[node] == (positive.min() if len(positive) else np.inf), node
+        assert tree.total == pytest.approx(buffer.priorities[: buffer.size].sum(), rel=1e-12)
+    assert buffer.size == 13  # wrapped around: more than 13 rows were added
+    rebuilt = SumTree(13)
+    rebuilt.set_leaves(slice(0, 13), buffer.priorities.copy())
+    rebuilt.rebuild()
+    assert np.array_equal(rebuilt.sums, tree.sums) and np.array_equal(rebuilt.mins, tree.mins)  # no drift
+    masses = rng.uniform(0, tree.total, size=1000)  # the descent finds what a search of the prefix sums finds
+    assert np.array_equal(tree.find(masses), np.searchsorted(np.cumsum(buffer.priorities), masses, side="right"))
+
+
+def test_prioritized_sampling_frequencies_are_proportional_to_priority_to_the_alpha() -> None:
+    """Six rows, alpha 0.6: 100,000 draws in batches of 50 from a fixed generator pass a chi-square test at 0.1%."""
+    from scipy.stats import chi2
+
+    td_errors = [0.5, -1.0, 2.0, 4.0, -8.0, 0.1]
+    buffer = prioritized_buffer(8, td_errors, alpha=0.6)
+    generator = torch.Generator().manual_seed(0)
+    counts = np.zeros(6)
+    for _ in range(2000):
+        (_, actions, *_), index, _ = buffer.sample_prioritized(50, generator, beta=0.4)
+        assert torch.equal(actions, index)  # the sampled rows are the indexed ones
+        counts += np.bincount(index.numpy(), minlength=6)
+    probabilities = (np.abs(td_errors) + 1e-6) ** 0.6
+    probabilities /= probabilities.sum()
+    expected = probabilities * counts.sum()
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    assert statistic < chi2.ppf(0.999, df=5), (counts, expected)
+    assert np.allclose(counts / counts.sum(), probabilities, atol=0.005)
+    assert counts[6:].sum() == 0  # rows 6 and 7 hold nothing and are never drawn
+
+
+def test_stratified_sampling_takes_one_row_from_each_segment() -> None:
+    """The mass is cut into B equal segments and draw j falls in segment j: with equal priorities and B = N, every
+    row exactly once; with unequal ones, row j's interval of mass meets segment j."""
+    equal = prioritized_buffer(10, [1.0] * 10)
+    _, index, _ = equal.sample_prioritized(10, torch.Generator().manual_seed(1), beta=0.5)
+    assert index.tolist() == list(range(10))
+    buffer = prioritized_buffer(16, [0.3, 5.0, 1.0, 0.01, 2.0, 7.0, 0.5, 1.5, 3.0, 0.2, 4.0])
+    mass = buffer.priorities[: buffer.size]
+    ends = np.cumsum(mass)
+    starts = ends - mass
+    for seed in range(20):
+        _, index, _ = buffer.sample_prioritized(8, torch.Generator().manual_seed(seed), beta=0.5)
+        segment = mass.sum() / 8
+        for j, row in enumerate(index.tolist()):
+            assert starts[row] < (j + 1) * segment and ends[row] > j * segment, (seed, j, row)
+        assert index.tolist() == sorted(index.tolist())
+
+
+def test_importance_weights_equal_the_hand_computation() -> None:
+    """w_i = (N P(i))^-beta / max_j (N P(j))^-beta, with P(i) = p_i^a / sum p^a over the N stored rows."""
+    td_errors = [1.0, -2.0, 4.0, 8.0, 0.25]
+    buffer = prioritized_buffer(8, td_errors, alpha=0.7)
+    p = (np.abs(td_errors) + 1e-6) ** 0.7
+    n, probabilities = len(p), p / p.sum()
+    for beta in (0.0, 0.4, 1.0):
+        _, index, weights = buffer.sample_prioritized(32, torch.Generator().manual_seed(2), beta)
+        by_hand = (n * probabilities) ** -beta / ((n * probabilities) ** -beta).max()
+        assert weights.dtype == torch.float32
+        assert np.allclose(weights.numpy(), by_hand[index.numpy()], rtol=1e-6)
+        assert weights.max() <= 1.0
+    assert weights[index == 4][0].item() == pytest.approx(1.0)  # the least likely row has the largest weight
+
+
+def test_prioritized_buffer_state_round_trips_with_its_tree() -> None:
+    """A restored buffer has the same tree, bit for bit, and draws the same batches with the same weights."""
+    buffer = prioritized_buffer(8, [1.0, 3.0, 0.5, 2.0, 6.0, 0.1])
+    buffer.add(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.zeros(4, 1), torch.ones(4))
+    assert buffer.size == 8 and buffer.position == 2  # wrapped: rows 0 and 1 were overwritten at the max priority
+    assert buffer.max_priority == pytest.approx((6.0 + 1e-6) ** 0.5)
+    assert np.all(buffer.priorities[[0, 1, 6, 7]] == buffer.max_priority)
+    restored = PrioritizedReplayBuffer(8, (1,), torch.float32, torch.device("cpu"), alpha=0.5, eps=1e-6)
     restored.load_state_dict(buffer.state_dict())
-    assert torch.equal(restored.priorities, buffer.priorities) and restored.max_priority == buffer.max_priority
+    buffer._refresh_tree()
+    assert np.array_equal(restored.tree.sums, buffer.tree.sums) and np.array_equal(restored.tree.mins, buffer.tree.mins)
+    assert restored.max_priority == buffer.max_priority
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    (batch_a, index_a, weights_a), (batch_b, index_b, weights_b) = (
+        b.sample_prioritized(16, g, beta=0.6) for b, g in ((buffer, g1), (restored, g2))
+    )
+    assert torch.equal(index_a, index_b) and torch.equal(weights_a, weights_b)
+    assert all(torch.equal(x, y) for x, y in zip(batch_a, batch_b))
+    with pytest.raises(UserError, match="model.prioritized"):
+        restored.load_state_dict(ReplayBuffer(8, (1,), torch.float32, torch.device("cpu")).state_dict())
 
 
 def test_one_step_targets_bootstrap_through_truncation_not_termination() -> None:
@@ -229,6 +335,7 @@ def test_td_loss_falls_on_a_fixed_batch() -> None:
         (["model.buffer_size=10", "model.batch_size=32"], "model.buffer_size: 10 is smaller than model.batch_size 32"),
         (["model.loss=l1"], "model.loss: unknown 'l1'; allowed: huber, mse"),
         (["model.tau=0"], "model.tau"),
+        (["model.prioritized=true", "model.per_eps=0"], "model.per_eps: must be > 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(train_config, overrides: list[str], message: str) -> None:
@@ -277,6 +384,7 @@ def test_resume_equals_the_uninterrupted_run(train_config) -> None:
     assert end_a["env_steps"] == end_b["env_steps"] == 800 and end_a["updates"] == end_b["updates"]
     for name in (*ReplayBuffer.FIELDS, "priorities"):
         assert torch.equal(end_a["buffer"][name], end_b["buffer"][name]), name
+    assert end_a["buffer"]["max_priority"] == end_b["buffer"]["max_priority"]
     assert torch.equal(end_a["generator"], end_b["generator"])
     assert end_a["env"]["actions"] == end_b["env"]["actions"]
 
@@ -418,7 +526,8 @@ def test_train_py_and_evaluate_py_as_a_user_runs_them(tmp_path: Path) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_replay_buffer_and_updates_live_on_the_gpu(train_config) -> None:
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_replay_buffer_and_updates_live_on_the_gpu(train_config, prioritized: bool) -> None:
     from lightning.pytorch import Callback
 
     devices: set[str] = set()
@@ -428,9 +537,12 @@ def test_replay_buffer_and_updates_live_on_the_gpu(train_config) -> None:
             devices.update(p.device.type for p in (*module.net.parameters(), *module.target_net.parameters()))
             devices.add(module.buffer.observations.device.type)
 
-    cfg = train_config(*TINY, "trainer=gpu", "logger=none")
+    cfg = train_config(*TINY, "trainer=gpu", "logger=none", f"model.prioritized={prioritized}")
     datamodule, model = instantiate(cfg.data), build_model(cfg)
     instantiate(cfg.trainer, logger=False, callbacks=[RecordDevices()]).fit(model, datamodule=datamodule)
+    assert isinstance(model.buffer, PrioritizedReplayBuffer) == prioritized
+    if prioritized:  # the tree stays on the CPU; every stored row has a positive priority
+        assert np.all(model.buffer.priorities[: model.buffer.size] > 0)
     assert devices == {"cuda"}
     pending = sum(len(queue.items) for queue in model.env["queues"])  # n-step returns not yet complete
     assert model.buffer.size + pending == model.env_steps == 400

@@ -156,13 +156,96 @@ class ReplayBuffer:
             getattr(self, name)[: self.size] = state[name].to(getattr(self, name).device)
 
 
-class PrioritizedReplayBuffer(ReplayBuffer):
-    """Proportional prioritized replay (Schaul et al., 2016): transition i is drawn with probability p_i^a / sum p^a,
-    p_i = |TD error| + eps, and its loss is weighted by (N P(i))^-beta / max_j (N P(j))^-beta to undo the bias.
+class SumTree:
+    """Segment trees over `capacity` leaves: each inner node holds the sum (and, in a second tree, the minimum) of
+    its two children, so the total mass and the smallest leaf are read at the root, a leaf changes in O(log n), and
+    the leaf at a given cumulative mass is found by one descent from the root.
 
-    A vectorised equivalent of the paper's sum tree: one cumulative sum over the stored priorities per batch and a
-    binary search per draw; O(N) per batch, which for buffers of 10^4 - 10^5 rows costs about what the gradient
-    step does. New transitions get the largest priority seen so far, so each is replayed at least once soon.
+    Node 1 is the root, node k has children 2k and 2k + 1, and leaf i is node `leaves + i`. Every operation is
+    vectorised over a batch: one NumPy step per tree level, never a Python loop per leaf. The trees live in NumPy
+    on the CPU whatever the replay buffer's device: a descent is a few tiny gathers per level, microseconds each
+    here, a kernel launch each on a GPU.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.leaves = 1 << max(0, capacity - 1).bit_length()  # the next power of two: a complete binary tree
+        self.depth = self.leaves.bit_length() - 1
+        self.sums = np.zeros(2 * self.leaves, dtype=np.float64)
+        self.mins = np.full(2 * self.leaves, np.inf, dtype=np.float64)  # empty leaves never set the minimum
+
+    @property
+    def total(self) -> float:
+        return float(self.sums[1])
+
+    @property
+    def min(self) -> float:
+        """The smallest positive leaf (a zero leaf is never drawn, so it has no weight to normalise by)."""
+        return float(self.mins[1])
+
+    def values(self, index: np.ndarray | slice) -> np.ndarray:
+        return self.sums[self.leaves :][index]
+
+    def set_leaves(self, index: np.ndarray | slice, values: np.ndarray | float) -> None:
+        """Writes leaves only; `propagate` then brings their ancestors up to date (once for many writes)."""
+        self.sums[self.leaves :][index] = values
+        values = np.asarray(values, dtype=np.float64)
+        self.mins[self.leaves :][index] = np.where(values > 0, values, np.inf)
+
+    def propagate(self, index: np.ndarray) -> None:
+        """Recomputes the ancestors of the given leaves, level by level up to the root.
+
+        A parent is always recomputed from its two children (never incremented), so the trees hold exactly what a
+        rebuild from the leaves gives, however many updates came before: no rounding drifts in.
+        """
+        node = np.asarray(index, dtype=np.int64) + self.leaves
+        for _ in range(self.depth):
+            node //= 2  # a parent repeated in `node` is written twice, with the same value
+            left = 2 * node
+            right = left + 1
+            self.sums[node] = self.sums[left] + self.sums[right]
+            self.mins[node] = np.minimum(self.mins[left], self.mins[right])
+
+    def update(self, index: np.ndarray, values: np.ndarray) -> None:
+        self.set_leaves(index, values)
+        self.propagate(index)
+
+    def rebuild(self) -> None:
+        """Every inner node from the leaves, a level at a time: O(n), after loading the leaves of a checkpoint."""
+        for level in range(self.depth - 1, -1, -1):
+            node = np.arange(1 << level, 2 << level)
+            self.sums[node] = self.sums[2 * node] + self.sums[2 * node + 1]
+            self.mins[node] = np.minimum(self.mins[2 * node], self.mins[2 * node + 1])
+
+    def find(self, mass: np.ndarray) -> np.ndarray:
+        """The leaf i with prefix_i <= mass < prefix_i + value_i for each mass in [0, total), all at once: at each
+        node, go right when the mass is not below the left child's sum, taking that sum off.
+
+        A zero leaf is never reached from a mass below the total (its interval is empty); a mass that rounding took
+        to the total or past it ends on the last leaf of the subtree it overshot, which the caller clamps.
+        """
+        mass = np.array(mass, dtype=np.float64)
+        node = np.ones(len(mass), dtype=np.int64)
+        for _ in range(self.depth):
+            node *= 2  # the left child
+            left_sum = self.sums[node]
+            right = mass >= left_sum
+            mass -= left_sum * right
+            node += right
+        return node - self.leaves
+
+
+class PrioritizedReplayBuffer(ReplayBuffer):
+    """Proportional prioritized replay (Schaul et al., 2016): transition i is drawn with probability
+    P(i) = p_i^a / sum_j p_j^a, p_i = |TD error| + eps, and its loss is weighted by w_i = (N P(i))^-beta / max_j w_j,
+    which undoes the bias of the skewed draws as beta goes to 1.
+
+    The p^a live in the leaves of a sum tree beside the ring (leaf i is row i), so drawing a batch and updating its
+    priorities cost O(B log N), not O(N). A batch is stratified as in the paper: the total mass is cut into B equal
+    segments and one row is drawn from each. The largest weight belongs to the least likely row, so max_j w_j comes
+    from the tree's minimum: w_i = (p_i^a / min_j p_j^a)^-beta (N cancels). New transitions enter at the largest
+    priority seen so far, so each is replayed soon at least once. Their leaves are written as they arrive, and their
+    ancestors summed once before the next draw, not at every environment step.
     """
 
     def __init__(
@@ -176,12 +259,27 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     ) -> None:
         super().__init__(capacity, observation_shape, observation_dtype, device)
         self.alpha, self.eps = alpha, eps
-        self.priorities = torch.zeros(capacity, dtype=torch.float64, device=device)  # p^alpha of each row
-        self.max_priority = 1.0
+        self.tree = SumTree(capacity)
+        self.max_priority = 1.0  # of p^alpha, over every update so far
+        self._stale = 0  # the last `_stale` rows before `position` have leaves newer than their ancestors
+
+    @property
+    def priorities(self) -> np.ndarray:
+        """p^alpha of every row (a view of the tree's leaves; 0 where nothing is stored yet)."""
+        return self.tree.values(slice(0, self.capacity))
 
     def _mark_new(self, start: int, count: int) -> None:
-        index = (start + torch.arange(count)) % self.capacity
-        self.priorities[index.to(self.priorities.device)] = self.max_priority
+        if start + count <= self.capacity:
+            self.tree.set_leaves(slice(start, start + count), self.max_priority)
+        else:
+            self.tree.set_leaves((start + np.arange(count)) % self.capacity, self.max_priority)
+        self._stale = min(self._stale + count, self.capacity)
+
+    def _refresh_tree(self) -> None:
+        """Sums the ancestors of the rows added since the last draw: one pass for all of them."""
+        if self._stale:
+            self.tree.propagate((self.position - self._stale + np.arange(self._stale)) % self.capacity)
+            self._stale = 0
 
     def add(self, *rows: torch.Tensor) -> None:
         start = self.position
@@ -196,31 +294,30 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     def sample_prioritized(
         self, batch_size: int, generator: torch.Generator, beta: float
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        """A batch drawn proportionally to p^alpha, its row indices, and its normalised importance weights."""
-        priorities = self.priorities[: self.size]
-        cumulative = torch.cumsum(priorities, 0)
-        total = cumulative[-1]
-        draws = torch.rand(batch_size, generator=generator, dtype=torch.float64).to(priorities.device) * total
-        index = torch.searchsorted(cumulative, draws, right=True).clamp_(max=self.size - 1)
-        probabilities = priorities[index] / total
-        weights = (self.size * probabilities) ** -beta
-        minimum = priorities[priorities > 0].min() / total  # the largest weight belongs to the least likely row
-        weights = (weights / (self.size * minimum) ** -beta).float()
-        return tuple(getattr(self, name)[index] for name in self.FIELDS), index, weights
+        """A batch drawn proportionally to p^alpha, one row per segment of the mass, its row indices and its
+        normalised importance weights (on the buffer's device)."""
+        self._refresh_tree()
+        segment = self.tree.total / batch_size
+        offsets = torch.rand(batch_size, generator=generator, dtype=torch.float64).numpy()
+        # rows fill from 0, so a leaf past the last stored row can only come from a mass rounded up to the total
+        index = np.minimum(self.tree.find((np.arange(batch_size) + offsets) * segment), self.size - 1)
+        weights = (self.tree.values(index) / self.tree.min) ** -beta
+        device = self.actions.device
+        rows = torch.from_numpy(index).to(device)
+        weights_tensor = torch.from_numpy(weights).to(device, torch.float32)
+        return tuple(getattr(self, name)[rows] for name in self.FIELDS), rows, weights_tensor
 
     def update_priorities(self, index: torch.Tensor, td_errors: torch.Tensor) -> None:
-        values = (td_errors.detach().abs().double() + self.eps) ** self.alpha
-        self.priorities[index] = values.to(self.priorities.device)
+        """p^alpha = (|TD error| + eps)^alpha for the rows of a batch (one copy to the CPU per batch)."""
+        self._refresh_tree()
+        values = (td_errors.detach().abs().double().cpu().numpy() + self.eps) ** self.alpha
+        self.tree.update(index.cpu().numpy(), values)
         self.max_priority = max(self.max_priority, float(values.max()))
 
-    def to(self, device: torch.device | str) -> PrioritizedReplayBuffer:
-        super().to(device)
-        self.priorities = self.priorities.to(device)
-        return self
-
     def state_dict(self) -> dict[str, Any]:
+        """The leaves of the stored rows: the inner nodes are a function of them, rebuilt bit for bit on load."""
         state = super().state_dict()
-        state["priorities"] = self.priorities[: self.size].cpu().clone()
+        state["priorities"] = torch.from_numpy(self.priorities[: self.size].copy())
         state["max_priority"] = self.max_priority
         return state
 
@@ -228,8 +325,10 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         if "priorities" not in state:
             raise UserError("model.prioritized: the checkpoint's replay buffer has no priorities; resume without it")
         super().load_state_dict(state)
-        self.priorities[: self.size] = state["priorities"].to(self.priorities.device)
-        self.max_priority = float(state["max_priority"])
+        self.tree = SumTree(self.capacity)
+        self.tree.set_leaves(slice(0, self.size), state["priorities"].double().numpy())
+        self.tree.rebuild()
+        self.max_priority, self._stale = float(state["max_priority"]), 0
 
 
 class NStepQueue:
@@ -359,6 +458,7 @@ class DQNTask(L.LightningModule):
             lr_end_factor=lr_end_factor,
             per_alpha=per_alpha,
             per_beta_start=per_beta_start,
+            per_eps=per_eps,
             buffer_size=buffer_size,
             counts={
                 "n_step": n_step,
@@ -982,6 +1082,7 @@ def _check_settings(
     lr_end_factor: float,
     per_alpha: float,
     per_beta_start: float,
+    per_eps: float,
     buffer_size: int,
     counts: dict[str, int],
 ) -> None:
@@ -1012,3 +1113,5 @@ def _check_settings(
         )
     if not 0.0 <= per_alpha <= 1.0 or not 0.0 <= per_beta_start <= 1.0:
         raise UserError(f"model.per_alpha, model.per_beta_start: {per_alpha}, {per_beta_start}; allowed: [0, 1]")
+    if not per_eps > 0.0:
+        raise UserError(f"model.per_eps: must be > 0 (a row whose priority is 0 is never replayed), got {per_eps}")
