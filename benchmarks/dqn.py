@@ -232,18 +232,23 @@ def seed_rows(args: argparse.Namespace, root: Path) -> None:
         print(f"seeds whose final policy reaches test/return >= {target:g}: {reached} of {len(rows)}")
 
 
-def speed_pair(args: argparse.Namespace, root: Path) -> None:
-    import torch
-
-    experiment, steps = args.speed_experiment, args.speed_steps
-    extra = [
+def speed_overrides(steps: int, extra: list[str]) -> list[str]:
+    """A run of exactly `steps` environment steps in one epoch, with the fewest evaluation episodes and no GIF."""
+    return [
         f"data.total_steps={steps}",
         f"data.steps_per_epoch={steps}",
         "data.eval_episodes=1",
         "data.test_episodes=1",
         "model.gif=false",
-        *args.extra,
+        *extra,
     ]
+
+
+def speed_pair(args: argparse.Namespace, root: Path) -> None:
+    import torch
+
+    experiment, steps = args.speed_experiment, args.speed_steps
+    extra = speed_overrides(steps, args.extra)
     cfg = compose_run(experiment, 1, root / "speed_plain", extra)
     if steps <= cfg.model.learning_starts:
         raise SystemExit(f"--speed-steps must exceed model.learning_starts ({cfg.model.learning_starts})")
@@ -272,14 +277,7 @@ def speed_ablation(args: argparse.Namespace, root: Path) -> None:
     import torch
 
     experiment, steps, ablation = args.speed_experiment, args.speed_steps, list(args.speed_ablation)
-    extra = [
-        f"data.total_steps={steps}",
-        f"data.steps_per_epoch={steps}",
-        "data.eval_episodes=1",
-        "data.test_episodes=1",
-        "model.gif=false",
-        *args.extra,
-    ]
+    extra = speed_overrides(steps, args.extra)
     learning_starts = compose_run(experiment, 1, root / "ablation_config", extra).model.learning_starts
     if steps <= learning_starts:
         raise SystemExit(f"--speed-steps must exceed model.learning_starts ({learning_starts})")
