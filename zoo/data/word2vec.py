@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,10 @@ class EpochBatches:
     length); an epoch whose sub-sampling kept a few more or fewer words cuts its examples into that many slightly
     larger or smaller batches. Lightning calls `set_epoch(e)` before each epoch, as for a DistributedSampler; under
     DDP each rank takes every world_size-th batch.
+
+    With `data.prefetch`, the next epoch's examples are drawn in a background thread while this one trains (NumPy
+    lets go of the GIL in the large array operations that drawing is made of). An epoch's examples depend on
+    (shuffle_seed, epoch) alone, so they are the same numbers either way.
     """
 
     batch_sampler = None
@@ -165,6 +170,7 @@ class EpochBatches:
     def __init__(self, data: WordCorpusDataModule, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         self.data, self.device, self.rank, self.world_size = data, device, rank, world_size
         self.epoch = 0
+        self._next: tuple[int, Future[Examples]] | None = None
 
     @property
     def sampler(self) -> EpochBatches:
@@ -176,11 +182,27 @@ class EpochBatches:
     def __len__(self) -> int:
         return len(range(self.rank, self.data.batches_per_epoch, self.world_size))
 
+    def _epoch_examples(self) -> Examples:
+        drawn, self._next = self._next, None
+        examples = drawn[1].result() if drawn and drawn[0] == self.epoch else self.data.epoch_examples(self.epoch)
+        if self.data.prefetch:
+            self._next = (self.epoch + 1, _drawing_thread().submit(self.data.epoch_examples, self.epoch + 1))
+        return examples
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        examples = self.data.epoch_examples(self.epoch)
+        examples = self._epoch_examples()
         bounds = np.linspace(0, len(examples), self.data.batches_per_epoch + 1).round().astype(np.int64)
         for k in range(self.rank, self.data.batches_per_epoch, self.world_size):
             yield tuple(t.to(self.device) for t in examples.batch(slice(int(bounds[k]), int(bounds[k + 1]))))
+
+
+_DRAWING: list[ThreadPoolExecutor] = []
+
+
+def _drawing_thread() -> ThreadPoolExecutor:
+    if not _DRAWING:
+        _DRAWING.append(ThreadPoolExecutor(1, thread_name_prefix="word2vec-examples"))
+    return _DRAWING[0]
 
 
 class HeldOutBatches:
@@ -251,12 +273,14 @@ class WordCorpusDataModule(L.LightningDataModule):
         test_fraction: float = 0.02,
         split_seed: int = 0,
         shuffle_seed: int = 0,
+        prefetch: bool = True,
         folds: int = 1,
         fold: int = 0,
     ) -> None:
         super().__init__()
         if folds > 1:
             raise UserError(f"cv.folds: {folds}; k-fold cross-validation does not apply to word2vec; allowed: 1")
+        self.prefetch = bool(prefetch)
         for key, value, least in (("min_count", min_count, 1), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise UserError(f"data.{key}: expected an integer >= {least}, got {value!r}")
