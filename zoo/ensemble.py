@@ -3,6 +3,7 @@
 Classifiers are combined by averaging their class probabilities (`ensemble_by=mean`) or by a majority vote of their
 predicted classes (`vote`, ties to the lowest class); regressors by averaging their predictions. Each member's own
 score and the members' mean are printed beside the ensemble's: an ensemble earns its place only by beating them.
+`train.py cv.ensemble=mean|vote` combines the k models of a cross-validation the same way, on an outer test split.
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     inputs, targets = data.splits["test"]
     with torch.no_grad():
-        outputs = torch.stack([_outputs(model, inputs) for _, model, _ in members])
+        stacked = torch.stack([outputs(model, inputs) for _, model, _ in members])
     if isinstance(first_model, ClassificationTask):
-        metrics = _classification_scores(outputs, targets, combine)
+        metrics = classification_scores(stacked, targets, combine)
     else:
-        metrics = _regression_scores(outputs, targets, first_model)
+        mean, std = first_model.target_scale  # the targets come standardized
+        metrics = regression_scores(stacked, targets * std + mean)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(output_dir / "metrics.json", metrics)
@@ -93,7 +95,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _outputs(model: Any, inputs: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+def outputs(model: Any, inputs: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     """Class probabilities (classifiers) or predictions on the target's scale (regressors), in batches."""
     from zoo.tasks.classification import ClassificationTask
 
@@ -102,7 +104,7 @@ def _outputs(model: Any, inputs: torch.Tensor, batch: int = 1000) -> torch.Tenso
     return output.softmax(dim=-1) if isinstance(model, ClassificationTask) else output
 
 
-def _classification_scores(probabilities: torch.Tensor, targets: torch.Tensor, combine: str) -> dict[str, float]:
+def classification_scores(probabilities: torch.Tensor, targets: torch.Tensor, combine: str) -> dict[str, float]:
     """Accuracy of each member, of their mean, and of the ensemble; (members, rows, classes) probabilities."""
     member_acc = (probabilities.argmax(-1) == targets).float().mean(dim=1)
     if combine == "mean":
@@ -116,10 +118,9 @@ def _classification_scores(probabilities: torch.Tensor, targets: torch.Tensor, c
     return scores
 
 
-def _regression_scores(predictions: torch.Tensor, targets: torch.Tensor, model: Any) -> dict[str, float]:
-    """RMSE of each member, of their mean, and of the averaged prediction; the targets come standardized."""
-    mean, std = model.target_scale
-    truth = targets * std + mean
+def regression_scores(predictions: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """RMSE of each member, of their mean, and of the averaged prediction; (members, rows) predictions and the
+    targets, both on the target's own scale."""
     member_rmse = (predictions - truth).square().mean(dim=1).sqrt()
     combined = predictions.mean(dim=0)
     rmse = float((combined - truth).square().mean().sqrt())
@@ -128,3 +129,32 @@ def _regression_scores(predictions: torch.Tensor, targets: torch.Tensor, model: 
     scores["test/rmse_members_mean"] = float(member_rmse.mean())
     scores.update({"test/rmse": rmse, "test/r2": r2})
     return scores
+
+
+def holdout_outputs(model: Any, datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A k-fold CV model's outputs on its data module's outer test split (`holdout`, see `cv.ensemble`) and that
+    split's targets: class indices, or values on the target's own scale. Both on the CPU."""
+    from zoo.tasks.classification import ClassificationTask
+
+    inputs, targets = datamodule.splits["holdout"]
+    model.eval()
+    with torch.no_grad():
+        output = outputs(model, inputs.to(model.device)).float().cpu()
+    if not isinstance(model, ClassificationTask):
+        mean, std = model.target_scale.cpu()
+        targets = targets * std + mean
+    return output, targets.cpu()
+
+
+def holdout_scores(
+    fold_outputs: list[torch.Tensor], targets: torch.Tensor, classifier: bool, combine: str
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """The scores of each fold model on the outer test split, and of the k models combined (`combine`: mean or
+    vote for classifiers; regressors average their predictions). Names without a split: acc, or rmse and r2."""
+    stacked = torch.stack(fold_outputs)
+
+    def scored(members: torch.Tensor) -> dict[str, float]:
+        scores = classification_scores(members, targets, combine) if classifier else regression_scores(members, targets)
+        return {k.removeprefix("test/"): v for k, v in scores.items() if "member" not in k}
+
+    return [scored(stacked[i : i + 1]) for i in range(len(stacked))], scored(stacked)

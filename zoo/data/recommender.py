@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from zoo.data.tensor import InMemoryDataModule
-from zoo.errors import UserError
+from zoo.errors import UserError, check_holdout_fraction
 
 log = logging.getLogger(__name__)
 
@@ -464,8 +464,10 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
     protocol=ratings (explicit): `val_fraction` and `test_fraction` of all ratings (80/10/10 by
     default) drawn with `split_seed`, or split=official (MovieLens 100K u<k>.base/test; val from base),
     or `folds > 1`: fold `fold` of a shuffled k-fold over all ratings (not stratified) is the test set, and val
-    comes out of the other folds. `val_fraction=0` trains on all of the rest, for a fixed number of epochs
-    (no validation: leave out the callbacks that watch a val metric). Batches: (user, item, rating).
+    comes out of the other folds; `holdout_fraction > 0` first draws that share of all ratings as the `holdout`
+    split, the same for every fold, and the k-fold runs over the rest. `val_fraction=0` trains on all of the
+    rest, for a fixed number of epochs (no validation: leave out the callbacks that watch a val metric).
+    Batches: (user, item, rating).
     protocol=leave_one_out (implicit): ratings >= `implicit_threshold` (all when null) are interactions;
     each user with at least 3 keeps the latest as test, the one before as val (ties in time broken
     by `split_seed`). Batches: train (user, item), val/test (user, target, sampled negatives): the
@@ -486,6 +488,7 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
         protocol: str = "ratings",
         implicit_threshold: float | None = None,
         sampled_negatives: int = 100,
+        holdout_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -505,12 +508,16 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
             raise UserError("data.val_fraction=0 applies to protocol=ratings; leave-one-out always holds out val")
         if protocol == "leave_one_out" and folds > 1:
             raise UserError("cv.folds: leave-one-out holds out each user's last interaction; k-fold does not apply")
+        check_holdout_fraction(holdout_fraction, folds)
+        if holdout_fraction > 0 and split == "official":
+            raise UserError("data.holdout_fraction: data.split=official keeps MovieLens' own folds; allowed: 0")
         if sampled_negatives < 1:
             raise ValueError(f"data.sampled_negatives must be >= 1, got {sampled_negatives}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split, self.split_seed, self.shuffle_seed = split, split_seed, shuffle_seed
         self.folds, self.fold, self.protocol = folds, fold, protocol
+        self.holdout_fraction = float(holdout_fraction)
         self.implicit_threshold, self.sampled_negatives = implicit_threshold, sampled_negatives
 
         source = self.load()
@@ -560,12 +567,16 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
     def _split_ratings(self, source: RatingData, users: np.ndarray, items: np.ndarray) -> None:
         total = len(source.ratings)
         rng = np.random.default_rng(self.split_seed)
+        holdout = np.array([], dtype=np.int64)
         if self.split == "official":
             if source.official_test is None:
                 raise UserError(f"data.split=official: {source.name} has no official split; use data.split=random")
             test, pool = np.flatnonzero(source.official_test), np.flatnonzero(~source.official_test)
         elif self.folds > 1:
-            parts = np.array_split(rng.permutation(total), self.folds)
+            order = rng.permutation(total)
+            cut = int(round(self.holdout_fraction * total))  # the outer test split, the same for every fold
+            holdout, order = order[:cut], order[cut:]
+            parts = np.array_split(order, self.folds)
             test = parts[self.fold]
             pool = np.concatenate([p for k, p in enumerate(parts) if k != self.fold])
         else:
@@ -581,6 +592,8 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
                 f"({len(train)}/{len(val)}/{len(test)}); use more data or other fractions"
             )
         self.rows = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+        if len(holdout):
+            self.rows["holdout"] = np.sort(holdout)
         train = self.rows["train"]
         self.user_known = np.zeros(self.num_users, dtype=bool)
         self.item_known = np.zeros(self.num_items, dtype=bool)

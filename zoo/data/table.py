@@ -3,8 +3,8 @@
 XGBoost reads the splits as pandas frames, so categorical columns stay categorical and missing values stay
 missing. The MLP reads the same rows through `zoo.data.tabular.TabularDataModule`, one-hot encoded and
 standardized. Rows are split as `zoo.data.tensor.TensorDataModule` splits them (stratified for classes;
-`folds`/`fold` cut all the data with a k-fold), so a neural model and a booster trained on one data config see
-the same rows in every split.
+`folds`/`fold` cut all the data with a k-fold, or the rows `holdout_fraction` leaves), so a neural model and a
+booster trained on one data config see the same rows in every split.
 
 This module imports neither torch nor Lightning (pandas and scikit-learn only when a table is read), so that
 XGBoost runs start fast.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from zoo.errors import UserError, check_split_fractions
+from zoo.errors import UserError, check_holdout_fraction, check_split_fractions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,6 +66,7 @@ class Table:
         normal_class: Any = None,
         anomaly_share: float = 0.05,
         train_fraction: float = 1.0,
+        holdout_fraction: float = 0.0,
     ) -> None:
         if dataset not in DATASETS:
             raise UserError(f"data.dataset: unknown '{dataset}'; allowed: {', '.join(DATASETS)}")
@@ -84,7 +85,8 @@ class Table:
         self.target = None if target is None else str(target)  # data.target=3 names the column '3'
         self.categorical, self.drop = _names(categorical), _names(drop)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
-        self.folds, self.fold = folds, fold
+        check_holdout_fraction(holdout_fraction, folds)
+        self.folds, self.fold, self.holdout_fraction = folds, fold, float(holdout_fraction)
         if normal_class is not None and not 0 < anomaly_share < 1:
             raise UserError(f"data.anomaly_share: expected a number in (0, 1), got {anomaly_share!r}")
         self.normal_class, self.anomaly_share = normal_class, anomaly_share
@@ -149,22 +151,34 @@ class Table:
         return len(self.classes)
 
     def split_indices(self) -> dict[str, np.ndarray]:
-        """Row numbers of train, val and test, cut as TensorDataModule cuts them (KFold for regression targets)."""
+        """Row numbers of train, val and test, cut as TensorDataModule cuts them (KFold for regression targets).
+
+        With `holdout_fraction > 0` (and `folds > 1`) that share of the rows, stratified for classes, is cut first
+        as `holdout`, the same rows for every fold, and the k-fold runs over the rest.
+        """
         y, seed, stratify = self.y, self.split_seed, self.task != "regression"
+        holdout = None
         if self.folds > 1:
             from sklearn.model_selection import KFold, StratifiedKFold
 
+            rows = np.arange(len(y))
+            if self.holdout_fraction > 0:
+                rows, holdout = _cut(rows, y, self.holdout_fraction, seed, stratify)
             splitter = (StratifiedKFold if stratify else KFold)(self.folds, shuffle=True, random_state=seed)
-            pool, test = list(splitter.split(np.zeros(len(y)), y if stratify else None))[self.fold]
+            pool, test = list(splitter.split(np.zeros(len(rows)), y[rows] if stratify else None))[self.fold]
+            pool, test = rows[pool], rows[test]
         else:
             pool, test = _cut(np.arange(len(y)), y, self.test_fraction, seed, stratify)
         train, val = _cut(np.arange(len(pool)), y[pool], self.val_fraction, seed, stratify)
         if self.train_fraction < 1:  # learning curves: a share of the training rows, the same val and test
             train, _ = _cut(train, y[pool][train], 1 - self.train_fraction, seed, stratify)
-        return {"train": pool[train], "val": pool[val], "test": test}
+        indices = {"train": pool[train], "val": pool[val], "test": test}
+        if holdout is not None:
+            indices["holdout"] = holdout
+        return indices
 
     def splits(self) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
-        """(features, target) of train, val and test; a split may be empty (val_fraction=0, test_fraction=0)."""
+        """(features, target) of each split (holdout too, when cut); val or test may be empty (a fraction of 0)."""
         return {
             name: (self.x.iloc[rows].reset_index(drop=True), self.y[rows])
             for name, rows in self.split_indices().items()
@@ -324,6 +338,7 @@ TABLE_KEYS = (
     "normal_class",
     "anomaly_share",
     "train_fraction",
+    "holdout_fraction",
 )
 
 

@@ -43,6 +43,7 @@ class TabularDataModule(TensorDataModule):
         anomaly_share: float = 0.05,
         train_fraction: float = 1.0,
         pca_components: int | None = None,
+        holdout_fraction: float = 0.0,
     ) -> None:
         self.table = Table(
             dataset,
@@ -59,6 +60,7 @@ class TabularDataModule(TensorDataModule):
             normal_class=normal_class,
             anomaly_share=anomaly_share,
             train_fraction=train_fraction,
+            holdout_fraction=holdout_fraction,
         )
         self.pca_components = pca_components
         width = self.table.encoded_width if pca_components is None else pca_components
@@ -81,6 +83,7 @@ class TabularDataModule(TensorDataModule):
             fold=fold,
             data_dir=data_dir,
             train_fraction=train_fraction,
+            holdout_fraction=holdout_fraction,
         )
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from zoo.data.augment import BatchAugment
-from zoo.errors import UserError, check_split_fractions
+from zoo.errors import UserError, check_holdout_fraction, check_split_fractions
 
 
 class TensorBatches:
@@ -137,7 +137,9 @@ class TensorDataModule(InMemoryDataModule):
     (x_test, y_test); otherwise a stratified `test_fraction` of the pool becomes the test set.
     `val_fraction` of what remains is held out for validation (checkpoint choice, early stopping).
     Splits depend on `split_seed` only, so every training seed is scored on the same test set.
-    With `folds > 1`, fold `fold` of a stratified k-fold over all the data is the test set.
+    With `folds > 1`, fold `fold` of a stratified k-fold over all the data is the test set. With
+    `holdout_fraction > 0` as well, a stratified share of all the data is cut first as the `holdout` split, the
+    same rows for every fold (the outer test split of `cv.ensemble`), and the k-fold runs over the rest.
     """
 
     def __init__(
@@ -155,9 +157,11 @@ class TensorDataModule(InMemoryDataModule):
         fold: int = 0,
         data_dir: str = "data",
         train_fraction: float = 1.0,
+        holdout_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         check_split_fractions(val_fraction, test_fraction)
+        check_holdout_fraction(holdout_fraction, folds)
         if (
             isinstance(train_fraction, bool)
             or not isinstance(train_fraction, int | float)
@@ -175,6 +179,7 @@ class TensorDataModule(InMemoryDataModule):
         self.split_seed, self.shuffle_seed = split_seed, shuffle_seed
         self.augment = BatchAugment(**(augment or {}))
         self.folds, self.fold, self.data_dir = folds, fold, data_dir
+        self.holdout_fraction = float(holdout_fraction)
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # each dataset subclass defines load() -> (x, y, x_test or None, y_test or None)
@@ -188,11 +193,15 @@ class TensorDataModule(InMemoryDataModule):
             raise UserError(
                 f"data.input_shape is {list(self.input_shape)} but the data has samples of shape {list(x.shape[1:])}"
             )
+        holdout = None
         if self.folds > 1:
             from sklearn.model_selection import StratifiedKFold
 
             if x_test is not None:
                 x, y = np.concatenate([x, x_test]), np.concatenate([y, y_test])
+            if self.holdout_fraction > 0:  # the outer test split: the same rows, whichever the fold
+                rest, kept = stratified_split(y, [self.holdout_fraction], self.split_seed)
+                holdout, x, y = (x[kept], y[kept]), x[rest], y[rest]
             folds = StratifiedKFold(self.folds, shuffle=True, random_state=self.split_seed)
             pool, test = list(folds.split(x, y))[self.fold]
             x_test, y_test, x, y = x[test], y[test], x[pool], y[pool]
@@ -206,9 +215,8 @@ class TensorDataModule(InMemoryDataModule):
             except ValueError as error:  # fewer rows than classes on one side of the cut
                 raise UserError(f"data.train_fraction: {self.train_fraction} keeps too few rows ({error})") from error
             train = train[kept]
-        for name, (xs, ys) in {
-            "train": (x[train], y[train]),
-            "val": (x[val], y[val]),
-            "test": (x_test, y_test),
-        }.items():
+        parts = {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x_test, y_test)}
+        if holdout is not None:
+            parts["holdout"] = holdout
+        for name, (xs, ys) in parts.items():
             self.splits[name] = (torch.as_tensor(xs, dtype=torch.float32), torch.as_tensor(ys, dtype=torch.long))
