@@ -8,6 +8,7 @@ score and the members' mean are printed beside the ensemble's: an ensemble earns
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,117 @@ def holdout_scores(
         return {k.removeprefix("test/"): v for k, v in scores.items() if "member" not in k}
 
     return [scored(stacked[i : i + 1]) for i in range(len(stacked))], scored(stacked)
+
+
+# ---------------------------------------------------------------- train.py cv.ensemble=mean|vote
+
+
+def check_cv_ensemble(cfg: DictConfig, folds: int) -> None:
+    """`cv.ensemble` and `cv.test_fraction`, refused in one line before any fold trains."""
+    cv = cfg.get("cv") or {}
+    combine = cv.get("ensemble")
+    if combine is None:
+        return
+    if combine not in COMBINERS:
+        raise UserError(f"cv.ensemble: unknown {combine!r}; allowed: null, {', '.join(COMBINERS)}")
+    if folds < 2:
+        raise UserError(
+            f"cv.ensemble: combines the models of k-fold cross-validation; it needs cv.folds >= 2, got {folds}"
+        )
+    fraction = cv.get("test_fraction")
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
+        raise UserError(
+            f"cv.test_fraction: expected a number in (0, 1), the outer test split's share; got {fraction!r}"
+        )
+    from zoo.run import is_classic
+
+    if is_classic(cfg):
+        raise UserError(
+            "cv.ensemble: combines neural classifiers and regressors; XGBoost and scikit-learn runs take cv.folds "
+            "without it (model=voting or model=stacking combine their estimators)"
+        )
+    import inspect
+
+    from hydra._internal.utils import _locate
+
+    from zoo.data.tensor import TensorDataModule
+    from zoo.tasks.classification import ClassificationTask
+    from zoo.tasks.regression import RegressionTask
+
+    task = _locate(str(cfg.model.get("_target_", "")))
+    if not (inspect.isclass(task) and issubclass(task, ClassificationTask | RegressionTask)):
+        raise UserError(
+            f"cv.ensemble: combines classifiers and regressors; this run's model is {getattr(task, '__name__', task)}"
+        )
+    if combine == "vote" and issubclass(task, RegressionTask):
+        raise UserError(
+            "cv.ensemble: 'vote' combines classes; a regressor's fold models are averaged: cv.ensemble=mean"
+        )
+    data = _locate(str(cfg.data.get("_target_", "")))
+    if not (inspect.isclass(data) and issubclass(data, TensorDataModule)):
+        raise UserError(
+            f"cv.ensemble: the outer test split is cut by in-memory data (tables, digits, MNIST-1D, ...); "
+            f"this run's data is {getattr(data, '__name__', data)}"
+        )
+    if not cfg.get("train", True) or not cfg.get("test", True) or cfg.get("tune"):
+        raise UserError("cv.ensemble: scores the model each fold trained and tested; it needs train=true test=true")
+
+
+def outer_test_report(
+    cfg: DictConfig, held_out: list[tuple[Any, Any]], checkpoints: list[str | None], combine: str
+) -> dict[str, Any]:
+    """Each fold's tested model, and the k of them combined, scored on the outer test split."""
+    targets = held_out[0][1]
+    classifier = not targets.is_floating_point()  # class indices; a regressor's targets are values
+    for _, other in held_out[1:]:
+        if other.shape != targets.shape or not torch.allclose(other.double(), targets.double(), rtol=1e-5):
+            raise RuntimeError("cross-validation: the folds' outer test splits differ")
+    per_fold, combined = holdout_scores([output for output, _ in held_out], targets, classifier, combine)
+    mean = {name: sum(scores[name] for scores in per_fold) / len(per_fold) for name in combined}
+    std = {
+        name: math.sqrt(sum((scores[name] - mean[name]) ** 2 for scores in per_fold) / (len(per_fold) - 1))
+        for name in combined
+    }
+    return {
+        "rows": len(targets),
+        "test_fraction": float(cfg.cv.test_fraction),
+        "ensemble_by": combine if classifier else "mean",
+        "checkpoints": checkpoints,
+        "per_fold": per_fold,
+        "mean": mean,
+        "std": std,
+        "ensemble": combined,
+    }
+
+
+def outer_test_summary(outer: dict[str, Any]) -> dict[str, float]:
+    """The outer test scores beside the CV summary: `outer_test_<metric>` (fold models' mean, and `_std`) and
+    `ensemble_<metric>`, logged to TensorBoard as cv/outer_test_acc, cv/ensemble_acc, ..."""
+    summary = {f"outer_test_{name}": value for name, value in outer["mean"].items()}
+    summary.update({f"outer_test_{name}_std": value for name, value in outer["std"].items()})
+    summary.update({f"ensemble_{name}": value for name, value in outer["ensemble"].items()})
+    return summary
+
+
+def outer_test_table(report: dict[str, Any]) -> str:
+    """Each metric on the folds' own test sets, and the fold models and their ensemble on the outer test split."""
+    outer, folds = report["outer_test"], report["folds"]
+    how = {"mean": "mean of class probabilities", "vote": "majority vote"}[outer["ensemble_by"]]
+    if "rmse" in outer["ensemble"]:
+        how = "mean prediction"
+    header = ("metric", "own fold (mean ± std)", "outer test (mean ± std)", "ensemble, outer test")
+    rows = []
+    for name, value in outer["ensemble"].items():
+        own = "-"
+        if f"test/{name}" in report["mean"]:
+            own = f"{report['mean'][f'test/{name}']:.4f} ± {report['std'][f'test/{name}']:.4f}"
+        fold_models = f"{outer['mean'][name]:.4f} ± {outer['std'][name]:.4f}"
+        rows.append((name, own, fold_models, f"{value:.4f}"))
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    title = [
+        f"\nouter test split: {outer['rows']} rows ({outer['test_fraction']:.0%}), held out of all {folds} folds",
+        f"the {folds} fold models on it, alone (mean ± std) and combined by {how}",
+    ]
+    return "\n".join([*title, *lines])
