@@ -234,6 +234,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_cfg = saved_run_config(ckpt_path, trust=bool(cfg.get("trust_config", False)))
     if cfg.get("scorer_ckpt_path"):  # before any family branches off: a run without a scorer refuses the key
         _swap_scorer(run_cfg, str(cfg.scorer_ckpt_path), ckpt_path)
+    if cfg.get("mode") == "predict":  # before the families branch off: XGBoost and scikit-learn runs predict too
+        from zoo import predict
+
+        return predict.predict(cfg, run_cfg, ckpt_path)
     if is_classic(run_cfg):
         from zoo.classic import run as classic_run
 
@@ -280,12 +284,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     print(f"\n{split} metrics of {ckpt_path}")
     print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
     if cfg.get("data_path"):
-        _predict_table_rows(cfg, model, datamodule, output_dir)
+        target = Path(cfg.get("predictions") or output_dir / "predictions.csv")
+        predict_table_rows(model, datamodule, Path(str(cfg.data_path)).expanduser(), target)
     return metrics
 
 
-def _predict_table_rows(cfg: DictConfig, model: Any, datamodule: Any, output_dir: Path) -> None:
-    """`data_path=<csv>` for a neural run on a table: the rows with their predictions, as for XGBoost's runs."""
+def predict_table_rows(model: Any, datamodule: Any, source: Path, target: Path, key: str = "data_path") -> None:
+    """`data_path=<csv>` (or `mode=predict input=<csv>`, with `key`) for a neural run on a table: the rows with
+    their predictions, as for XGBoost's runs."""
     import torch
 
     from zoo.classic.run import write_predictions
@@ -294,7 +300,7 @@ def _predict_table_rows(cfg: DictConfig, model: Any, datamodule: Any, output_dir
 
     if not isinstance(datamodule, TabularDataModule):
         raise UserError(
-            f"data_path: new rows are predicted for table runs (data=breast_cancer, diabetes, tabular_csv, ...); "
+            f"{key}: new rows are predicted for table runs (data=breast_cancer, diabetes, tabular_csv, ...); "
             f"this run's data is {type(datamodule).__name__}"
         )
 
@@ -307,8 +313,7 @@ def _predict_table_rows(cfg: DictConfig, model: Any, datamodule: Any, output_dir
             output = model.cpu().eval()(x)
         return (output.softmax(-1) if isinstance(model, ClassificationTask) else output).numpy()
 
-    target = Path(cfg.get("predictions") or output_dir / "predictions.csv")
-    rows = write_predictions(predict_rows, datamodule.table, Path(str(cfg.data_path)).expanduser(), target)
+    rows = write_predictions(predict_rows, datamodule.table, source, target, key=key)
     print(f"wrote {rows} predictions to {target}")
 
 
@@ -327,6 +332,8 @@ def _check_eval_keys(cfg: DictConfig) -> None:
     temperature = cfg.get("temperature", 0.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
         raise UserError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if cfg.get("input") is not None and cfg.get("mode") != "predict":
+        raise UserError(f"input: read by mode=predict only; add mode=predict (mode is {cfg.get('mode')!r})")
     for key in ("word", "a", "b", "c"):  # word2vec's words; whether the model knows them is the model's to say
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):

@@ -27,6 +27,8 @@ from zoo.errors import UserError
 from zoo.records import flat_hparams, format_table, write_metrics
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pandas as pd
 
 log = logging.getLogger(__name__)
@@ -229,22 +231,7 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
         print(f"\n{split} metrics of {ckpt_path}")
         print(format_table({k: f"{v:.4f}" for k, v in metrics.items()}))
         return metrics
-    if ckpt_path.suffix == ".skops":
-        fitted = estimators.load(ckpt_path)
-        if getattr(fitted, "n_features_in_", table.encoded_width) != table.encoded_width:
-            raise UserError(f"ckpt_path: '{ckpt_path}' was fitted on other columns than the table in its config.yaml")
-
-        def predict_rows(x: pd.DataFrame) -> np.ndarray:
-            return estimators.outputs(fitted, table.task, table.encoded(x))
-
-    else:
-        booster = load_booster(ckpt_path)
-        if list(booster.feature_names or []) != list(table.x.columns):
-            raise UserError(f"ckpt_path: '{ckpt_path}' was trained on other columns than the table in its config.yaml")
-
-        def predict_rows(x: pd.DataFrame) -> np.ndarray:
-            return predict(booster, x)
-
+    predict_rows = _predictor(table, ckpt_path)
     x, y = table.splits()[split]
     if not len(y):
         raise UserError(f"split: the run's {split} split is empty (data.{split}_fraction is 0)")
@@ -259,6 +246,32 @@ def evaluate(cfg: DictConfig, run_cfg: DictConfig) -> dict[str, float]:
         rows = write_predictions(predict_rows, table, Path(cfg.data_path), target)
         print(f"wrote {rows} predictions to {target}")
     return metrics
+
+
+def predict_file(run_cfg: DictConfig, ckpt_path: Path, source: Path, target: Path) -> int:
+    """`evaluate.py mode=predict input=<csv>` for a model.json or model.skops: the rows of `source` with their
+    predictions, written to `target` as `data_path` writes them beside the scores."""
+    table = table_from_config(_data_from_launch_folder(run_cfg.data, ckpt_path))
+    rows = write_predictions(_predictor(table, ckpt_path), table, source, target, key="input")
+    print(f"wrote {rows} predictions to {target}")
+    return rows
+
+
+def _predictor(table: Table, ckpt_path: Path) -> Callable[[pd.DataFrame], np.ndarray]:
+    """Feature rows of `table` to the outputs of the saved model.json (XGBoost) or model.skops (scikit-learn)."""
+    if ckpt_path.suffix == ".skops":
+        fitted = estimators.load(ckpt_path)
+        if getattr(fitted, "n_features_in_", table.encoded_width) != table.encoded_width:
+            raise UserError(f"ckpt_path: '{ckpt_path}' was fitted on other columns than the table in its config.yaml")
+
+        def predict_rows(x: pd.DataFrame) -> np.ndarray:
+            return estimators.outputs(fitted, table.task, table.encoded(x))
+
+        return predict_rows
+    booster = load_booster(ckpt_path)
+    if list(booster.feature_names or []) != list(table.x.columns):
+        raise UserError(f"ckpt_path: '{ckpt_path}' was trained on other columns than the table in its config.yaml")
+    return lambda x: predict(booster, x)
 
 
 def build_model(cfg: DictConfig) -> XGBoostModel | Estimator | KMeans | PCA | GaussianAnomaly:
@@ -347,17 +360,21 @@ def load_booster(path: Path) -> Any:
         raise UserError(f"ckpt_path: '{path}' is not a readable XGBoost model ({_first_line(error)})") from error
 
 
-def write_predictions(predict_rows: Any, table: Table, source: Path, target: Path) -> int:
-    """The rows of `source` with a `prediction` column (class label or value) and, for classes, probabilities."""
+def write_predictions(predict_rows: Any, table: Table, source: Path, target: Path, key: str = "data_path") -> int:
+    """The rows of `source` with a `prediction` column (class label or value) and, for classes, probabilities.
+
+    `key` is the config key that named `source`, for the messages; an existing `target` is refused, not replaced.
+    """
     import pandas as pd
 
+    check_new_file(target)
     if not source.is_file():
-        raise UserError(f"data_path: no file at '{source}'")
+        raise UserError(f"{key}: no file at '{source}'")
     try:
         frame = pd.read_csv(source)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise UserError(f"data_path: '{source}' is not a readable CSV file ({_first_line(error)})") from error
-    output = predict_rows(table.features_of(frame))
+        raise UserError(f"{key}: '{source}' is not a readable CSV file ({_first_line(error)})") from error
+    output = predict_rows(table.features_of(frame, source=key))
     result = frame.copy()
     if table.task == "regression":
         result["prediction"] = output
@@ -369,6 +386,12 @@ def write_predictions(predict_rows: Any, table: Table, source: Path, target: Pat
     target.parent.mkdir(parents=True, exist_ok=True)
     result.to_csv(target, index=False)
     return len(result)
+
+
+def check_new_file(target: Path) -> None:
+    """Predictions go to a new file: one already on disk (`predictions=<file>`) is refused, never replaced."""
+    if target.exists():
+        raise UserError(f"predictions: '{target}' already exists; give another file (predictions=<file.csv>)")
 
 
 def _data_from_launch_folder(data: DictConfig, ckpt_path: Path) -> DictConfig:

@@ -87,7 +87,7 @@ class Seq2SeqDataModule(InMemoryDataModule):
             raise UserError(f"data.task: unknown '{task}'; allowed: {', '.join(TASKS)}")
         if not 1 <= min_len <= max_len:
             raise UserError(f"data.min_len and data.max_len: need 1 <= min_len <= max_len, got {min_len}, {max_len}")
-        self.task, self.min_len, self.max_len = task, min_len, max_len
+        self.task, self.min_len, self.max_len, self.pad_operands = task, min_len, max_len, pad_operands
         self.batch_size, self.eval_batch_size, self.shuffle_seed = batch_size, eval_batch_size, shuffle_seed
         self.tokens = list(TOKENS)
         self.index = {t: i for i, t in enumerate(self.tokens)}
@@ -127,6 +127,22 @@ class Seq2SeqDataModule(InMemoryDataModule):
         if wrap:
             ids = [self.bos_id, *ids, self.eos_id]
         return ids + [self.pad_id] * (length - len(ids))
+
+    def source_ids(self, text: str) -> list[int]:
+        """A source written by hand (`123`, or `45+678` for sums) as a padded token row, written as the generator
+        writes sources: operands with leading zeros where the run's had them."""
+        if self.task == "addition":
+            operands = text.split("+")
+            if len(operands) != 2 or not all(o.isdecimal() and o.isascii() for o in operands):
+                raise UserError(f"expected two numbers joined by '+' (e.g. 12+345), got {text!r}")
+            if max(len(o) for o in operands) > self.max_len:
+                raise UserError(f"{text!r} has an operand of more than the run's {self.max_len} digits")
+            text = "+".join(o.zfill(self.max_len) if self.pad_operands else o for o in operands)
+        elif not (text.isdecimal() and text.isascii()):
+            raise UserError(f"expected a string of digits (e.g. 4721), got {text!r}")
+        elif len(text) > self.source_length:
+            raise UserError(f"{text!r} has more than the run's {self.source_length} digits")
+        return self.encode(text, self.source_length, False)
 
     def decode(self, ids: list[int]) -> str:
         """The characters of a token row, up to its end token, without <bos> and padding."""

@@ -183,19 +183,23 @@ class CharLMTask(L.LightningModule):
 
     def run_eval_mode(self, mode: str, cfg: Any) -> dict[str, float]:
         """`evaluate.py mode=sample prompt="..." max_new_tokens=200 temperature=0.8 top_k=...` prints a continuation."""
+        print(self.sample_as_asked(str(cfg.get("prompt") or ""), cfg))
+        return {}
+
+    def sample_as_asked(self, prompt: str, cfg: Any) -> str:
+        """`sample` with evaluate.py's max_new_tokens, temperature, top_k and sample_seed (a fresh generator per
+        prompt, so that each prompt's draw does not depend on the prompts before it)."""
         generator = None
         if cfg.get("sample_seed") is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(cfg.sample_seed))
         top_k = cfg.get("top_k")
-        text = self.sample(
-            str(cfg.get("prompt") or ""),
+        return self.sample(
+            prompt,
             int(cfg.get("max_new_tokens", 200)),
             float(cfg.get("temperature", 0.8)),
             None if top_k is None else int(top_k),
             generator,
         )
-        print(text)
-        return {}
 
     def configure_optimizers(self) -> Any:
         return configure_optimizers(self)
