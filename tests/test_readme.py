@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,11 @@ def test_the_readme_has_commands_to_check() -> None:
 
 
 @pytest.mark.parametrize(("config_name", "args"), COMMANDS, ids=[" ".join(a)[:80] for _, a in COMMANDS])
-def test_a_readme_command_composes(config_name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_readme_command_composes(
+    config_name: str, args: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     if args[:1] == ["--help"]:
         return
+    monkeypatch.setenv("PWD", str(tmp_path))  # files a command names under $PWD (an Optuna study) land here
     monkeypatch.setattr("zoo.cli.shutil.which", lambda name: f"/usr/bin/{name}")  # as on a SLURM login node
     check_overrides(config_name, [expand_home_and_variables(a) for a in args])
