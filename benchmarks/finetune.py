@@ -18,9 +18,15 @@ composes them, so the table measures what a user gets:
 
 All rows share one test split (360 digits: split_seed 0, test_fraction 0.2) and one validation split.
 
+`--parts lm` asks the same of a transformer: a character LM (`experiment=char_lm seed=0`, Python's documentation,
+about 3 min) initialises the blocks of an MNIST-1D encoder classifier (`experiment=lm_init_mnist1d
+init_from=<ckpt>`), against the same recipe from random weights, paired by seed; the floor is the majority class of
+MNIST-1D's training labels, and the zoo's own `transformer_mnist1d` (width 64) is the reference beside them.
+
     python benchmarks/finetune.py                               # seeds 1,2,3: about 4 min on one CPU thread
     python benchmarks/finetune.py --pretrained logs/cnn_mnist5k/runs/<run>/checkpoints/last.ckpt
     python benchmarks/finetune.py --seeds 1 --threads 2
+    python benchmarks/finetune.py --parts lm                    # the LM's blocks in an MNIST-1D classifier
 """
 
 from __future__ import annotations
@@ -62,25 +68,25 @@ def run(overrides: list[str], folder: Path, name: str) -> tuple[dict[str, float]
     return metrics, seconds, Path(cfg.paths.output_dir)
 
 
-def majority_floor(folder: Path) -> float:
-    """Test accuracy of always answering the most frequent training label of the fine-tuning recipe's data."""
+def majority_floor(folder: Path, experiment: str = "finetune_digits") -> float:
+    """Test accuracy of always answering the most frequent training label of a recipe's data."""
     import torch
     from hydra.utils import instantiate
 
-    data = instantiate(compose_config(["experiment=finetune_digits"], folder, "floor").data)
+    data = instantiate(compose_config([f"experiment={experiment}"], folder, "floor").data)
     data.setup("fit")
     train_labels, test_labels = data.splits["train"][1], data.splits["test"][1]
     majority = torch.bincount(train_labels).argmax()
     return float((test_labels == majority).float().mean())
 
 
-def margin(fine_tuned: Row, scratch: Row) -> str:
+def margin(fine_tuned: Row, scratch: Row, what: str = "fine-tuned") -> str:
     """Paired by seed: the same subset, the same data order and augmentation draws."""
     differences = [fine_tuned.accuracy[s] - scratch.accuracy[s] for s in fine_tuned.accuracy]
     mean = statistics.fmean(differences)
     spread = f" ± {statistics.stdev(differences):.4f}" if len(differences) > 1 else ""
     per_seed = ", ".join(f"{s}: {d:+.4f}" for s, d in zip(fine_tuned.accuracy, differences))
-    return f"fine-tuned minus from scratch: {mean:+.4f}{spread} (per seed {per_seed})"
+    return f"{what} minus from scratch: {mean:+.4f}{spread} (per seed {per_seed})"
 
 
 def results_table(rows: list[Row]) -> str:
@@ -93,12 +99,88 @@ def results_table(rows: list[Row]) -> str:
     return table(lines, right={2, 4, 5})
 
 
+def digits_part(args: argparse.Namespace, seeds: list[int], folder: Path) -> str:
+    """The CNN pre-trained on MNIST 5k, fine-tuned on 10 digits per class, beside training from scratch."""
+    if args.pretrained:
+        checkpoint = Path(args.pretrained).resolve()
+        print(f"pre-trained: {checkpoint}")
+    else:
+        metrics, seconds, output = run(["experiment=cnn_mnist5k", f"seed={PRETRAIN_SEED}"], folder, "pretrain")
+        checkpoint = output / "checkpoints" / "last.ckpt"
+        accuracy = metrics["test/acc"]
+        print(f"pre-trained: cnn_mnist5k seed {PRETRAIN_SEED}, MNIST test/acc {accuracy:.4f} in {seconds:.1f} s")
+
+    init = f"init_from={checkpoint}"
+    zero_shot = Row("pre-trained, not fine-tuned", "finetune_digits train=false")
+    zero_shot.add(-1, *run(["experiment=finetune_digits", init, "train=false"], folder, "zero_shot")[:2])
+
+    fine_tuned = Row("fine-tuned (10 per class)", "finetune_digits init_from=<ckpt>")
+    scratch = Row("from scratch (10 per class)", "scratch_digits")
+    same = Row("from scratch, fine-tuning's settings", "finetune_digits")
+    ceiling = Row("ceiling: all 1,293 training images", "cnn_digits")
+    for seed in seeds:
+        for row, experiment, extra in (
+            (fine_tuned, "finetune_digits", [init]),
+            (scratch, "scratch_digits", []),
+            (same, "finetune_digits", []),
+            (ceiling, "cnn_digits", []),
+        ):
+            name = f"{experiment}{'_init' if extra else ''}/seed_{seed}"
+            metrics, seconds, _ = run([f"experiment={experiment}", *extra, f"seed={seed}"], folder, name)
+            row.add(seed, metrics, seconds)
+            print(f"  {row.recipe} seed {seed}: test/acc {metrics['test/acc']:.4f} in {seconds:.1f} s", flush=True)
+    floor = Row("floor: majority class", "-")
+    floor.accuracy[-1] = majority_floor(folder)
+    return "\n".join(
+        [
+            f"\nscikit-learn digits, test split of 360; seeds {', '.join(map(str, seeds))} (mean ± sample std)",
+            results_table([floor, zero_shot, same, scratch, fine_tuned, ceiling]),
+            margin(fine_tuned, scratch),
+        ]
+    )
+
+
+def lm_part(args: argparse.Namespace, seeds: list[int], folder: Path) -> str:
+    """The char LM's blocks in an MNIST-1D encoder classifier, beside the same network from random weights."""
+    if args.lm_pretrained:
+        checkpoint = Path(args.lm_pretrained).resolve()
+        print(f"language model: {checkpoint}")
+    else:
+        metrics, seconds, output = run(["experiment=char_lm", f"seed={PRETRAIN_SEED}"], folder, "char_lm")
+        checkpoint = output / "checkpoints" / "last.ckpt"
+        print(f"language model: char_lm seed {PRETRAIN_SEED}, test/ppl {metrics['test/ppl']:.2f} in {seconds:.1f} s")
+    initialised = Row("LM blocks, fine-tuned", "lm_init_mnist1d init_from=<char_lm ckpt>")
+    scratch = Row("from scratch, same network", "lm_init_mnist1d")
+    reference = Row("the zoo's recipe (width 64)", "transformer_mnist1d")
+    for seed in seeds:
+        for row, experiment, extra in (
+            (initialised, "lm_init_mnist1d", [f"init_from={checkpoint}"]),
+            (scratch, "lm_init_mnist1d", []),
+            (reference, "transformer_mnist1d", []),
+        ):
+            name = f"{experiment}{'_init' if extra else ''}/seed_{seed}"
+            metrics, seconds, _ = run([f"experiment={experiment}", *extra, f"seed={seed}"], folder, name)
+            row.add(seed, metrics, seconds)
+            print(f"  {row.recipe} seed {seed}: test/acc {metrics['test/acc']:.4f} in {seconds:.1f} s", flush=True)
+    floor = Row("floor: majority class", "-")
+    floor.accuracy[-1] = majority_floor(folder, "lm_init_mnist1d")
+    return "\n".join(
+        [
+            f"\nMNIST-1D, test split of 1,000; seeds {', '.join(map(str, seeds))} (mean ± sample std)",
+            results_table([floor, scratch, initialised, reference]),
+            margin(initialised, scratch, "LM-initialised"),
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (the `seed=` override)")
     parser.add_argument(
         "--pretrained", default=None, help="a checkpoint of experiment=cnn_mnist5k (skips pre-training)"
     )
+    parser.add_argument("--parts", default="digits", help="comma-separated: digits (the CNN), lm (the LM's blocks)")
+    parser.add_argument("--lm-pretrained", default=None, help="a checkpoint of experiment=char_lm (skips training it)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--output-dir", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
@@ -110,6 +192,10 @@ def main() -> None:
         parser.error(
             f"--pretrained: no file at '{args.pretrained}'; make one with python train.py experiment=cnn_mnist5k"
         )
+
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"digits", "lm"}:
+        parser.error(f"--parts: expected digits and/or lm, got '{args.parts}'")
 
     import torch
 
@@ -123,40 +209,10 @@ def main() -> None:
             folder = Path(args.output_dir)
         else:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="finetune_")))
-        if args.pretrained:
-            checkpoint = Path(args.pretrained).resolve()
-            print(f"pre-trained: {checkpoint}")
-        else:
-            metrics, seconds, output = run(["experiment=cnn_mnist5k", f"seed={PRETRAIN_SEED}"], folder, "pretrain")
-            checkpoint = output / "checkpoints" / "last.ckpt"
-            accuracy = metrics["test/acc"]
-            print(f"pre-trained: cnn_mnist5k seed {PRETRAIN_SEED}, MNIST test/acc {accuracy:.4f} in {seconds:.1f} s")
-
-        init = f"init_from={checkpoint}"
-        zero_shot = Row("pre-trained, not fine-tuned", "finetune_digits train=false")
-        zero_shot.add(-1, *run(["experiment=finetune_digits", init, "train=false"], folder, "zero_shot")[:2])
-
-        fine_tuned = Row("fine-tuned (10 per class)", "finetune_digits init_from=<ckpt>")
-        scratch = Row("from scratch (10 per class)", "scratch_digits")
-        same = Row("from scratch, fine-tuning's settings", "finetune_digits")
-        ceiling = Row("ceiling: all 1,293 training images", "cnn_digits")
-        for seed in seeds:
-            for row, experiment, extra in (
-                (fine_tuned, "finetune_digits", [init]),
-                (scratch, "scratch_digits", []),
-                (same, "finetune_digits", []),
-                (ceiling, "cnn_digits", []),
-            ):
-                name = f"{experiment}{'_init' if extra else ''}/seed_{seed}"
-                metrics, seconds, _ = run([f"experiment={experiment}", *extra, f"seed={seed}"], folder, name)
-                row.add(seed, metrics, seconds)
-                print(f"  {row.recipe} seed {seed}: test/acc {metrics['test/acc']:.4f} in {seconds:.1f} s", flush=True)
-        floor = Row("floor: majority class", "-")
-        floor.accuracy[-1] = majority_floor(folder)
-
-    print(f"\nscikit-learn digits, test split of 360; seeds {', '.join(map(str, seeds))} (mean ± sample std)")
-    print(results_table([floor, zero_shot, same, scratch, fine_tuned, ceiling]))
-    print(margin(fine_tuned, scratch))
+        if "digits" in parts:
+            print(digits_part(args, seeds, folder))
+        if "lm" in parts:
+            print(lm_part(args, seeds, folder))
     print(f"wall time in all: {time.perf_counter() - started:.0f} s")
 
 
