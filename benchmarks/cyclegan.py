@@ -50,14 +50,14 @@ def scorers(cfg: DictConfig, device: torch.device) -> tuple[object, dict[str, ob
     from hydra.utils import instantiate
 
     from zoo.metrics.scorer import load_or_train_scorer
+    from zoo.tasks.cyclegan import domain_scorer_spec
 
     data = instantiate(cfg.data)
     data.setup("fit")
     found = {}
     for domain in ("A", "B"):
         part = data.domain(domain)
-        spec = {**cfg.model.scorer, "ckpt_path": str(Path(cfg.model.scorer.ckpt_dir) / f"{part.name}_cnn.pt")}
-        found[domain] = load_or_train_scorer(spec, part, device, cache=True)
+        found[domain] = load_or_train_scorer(domain_scorer_spec(cfg.model.scorer), part, device, cache=True)
     return data, found
 
 

@@ -15,9 +15,10 @@ from torch import nn
 from tests.conftest import checkpoint, compose_config, interrupted_and_resumed, run_script
 from zoo.data.cyclegan import DigitDomainsDataModule, ImageFolderPairDataModule, UnpairedSampler, apply_style
 from zoo.errors import UserError
+from zoo.metrics.scorer import cached_scorer_path
 from zoo.nn.cyclegan import PatchDiscriminator, ResnetGenerator
 from zoo.run import evaluate, train
-from zoo.tasks.cyclegan import CycleGANTask, ImagePool, LinearDecay
+from zoo.tasks.cyclegan import CycleGANTask, ImagePool, LinearDecay, domain_scorer_spec
 
 # small networks, a few batches, no scoring classifier: a run takes seconds on one CPU thread
 TINY = [
@@ -189,6 +190,25 @@ def test_digit_domains_are_disjoint_and_styled() -> None:
     assert torch.bincount(label_a).min() > 150 and torch.bincount(label_b).min() > 150
     batch = next(iter(data.train_dataloader()))
     assert len(batch) == 4 and batch[0].shape == (32, 1, 32, 32)
+
+
+def test_domain_classifier_caches_are_keyed_by_split_and_style(tmp_path: Path) -> None:
+    """Another split seed or style never finds a classifier trained on other images; the same data finds its own,
+    and a run saved with the old `ckpt_dir` key caches in the same folder."""
+    spec = domain_scorer_spec({"cache_dir": str(tmp_path)})
+
+    def path(domain: str, **settings: object) -> Path:
+        data = DigitDomainsDataModule(**settings)
+        data.setup()
+        found = cached_scorer_path(spec, data.domain(domain))
+        assert found is not None and found.parent == tmp_path
+        return found
+
+    first = path("A", style="invert", split_seed=0)
+    assert path("A", style="invert", split_seed=0) == first
+    assert len({first, path("B", style="invert", split_seed=0), path("A", style="invert", split_seed=1)}) == 3
+    assert path("B", style="dilate", split_seed=0) != path("B", style="invert", split_seed=0)
+    assert domain_scorer_spec({"ckpt_dir": str(tmp_path)})["cache_dir"] == str(tmp_path)
 
 
 def test_folder_pair_data_converts_mixed_modes_and_pairs_unpaired(train_config, tmp_path: Path) -> None:

@@ -208,12 +208,10 @@ class CycleGANTask(L.LightningModule):
         if self.scorer_spec is None or self.scorers or not hasattr(datamodule, "domain"):
             return  # image folders have no labels to train a classifier on: cycle errors only
         device = self.trainer.strategy.root_device
-        folder = Path(str(self.scorer_spec.get("ckpt_dir") or "scorers")).expanduser()
         quick = bool(self.trainer.fast_dev_run)
         for domain in ("A", "B"):
             data = datamodule.domain(domain)
-            spec = {**self.scorer_spec, "ckpt_path": str(folder / f"{data.name}_cnn.pt")}
-            self.scorers[domain] = load_or_train_scorer(spec, data, device, cache=not quick)
+            self.scorers[domain] = load_or_train_scorer(domain_scorer_spec(self.scorer_spec), data, device, not quick)
 
     def configure_callbacks(self) -> list[Any]:
         """Lightning calls this before it checks the trainer, so settings it cannot honour fail here in one line."""
@@ -481,3 +479,12 @@ class CycleGANTask(L.LightningModule):
         self.pool_a.load_state_dict(state["pool_a"])
         self.pool_b.load_state_dict(state["pool_b"])
         self.steps = int(state["steps"])
+
+
+def domain_scorer_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A domain classifier's cache: `<cache_dir>/<domain data name>_cnn-<digest>.pt`, the digest keyed by the
+    domain's split settings and training images as a GAN's scorer is (`zoo.metrics.scorer.scorer_key`), so that
+    another split or style never scores with a classifier that saw its test images. `ckpt_dir` is the key's name in
+    runs saved before it was keyed."""
+    folder = spec.get("cache_dir") or spec.get("ckpt_dir") or "scorers"
+    return {**spec, "ckpt_path": None, "cache_dir": str(folder)}
