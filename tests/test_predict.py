@@ -187,7 +187,7 @@ def test_image_preprocessing_follows_each_datamodule(tmp_path: Path) -> None:
     scaled = torch.from_numpy(resize_images((rgb_pixels / 255.0).transpose(2, 0, 1)[None].astype(np.float32), 32, 0))
     mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2470, 0.2435, 0.2616])
     assert torch.allclose(x, (scaled[0] - mean[:, None, None]) / std[:, None, None], atol=1e-6)
-    assert class_names(cifar) == [str(k) for k in range(10)]  # no batches.meta here: class indices
+    assert class_names(cifar)[:3] == ["airplane", "automobile", "bird"]  # no file read: batches.meta is a pickle
     assert class_names(TorchvisionDataModule("fashion_mnist", data_dir=str(tmp_path)))[0] == "T-shirt/top"
     # an image folder run: its own test transform, grayscale, resized to 16x16
     for label in ("cat", "dog"):

@@ -267,10 +267,13 @@ def class_names(datamodule: Any) -> list[str]:
     return [str(name) for name in names]
 
 
-def _torchvision_classes(datamodule: Any) -> list[str] | None:
-    """torchvision's names: MNIST's and Fashion-MNIST's are in their dataset classes, CIFAR-10's in batches.meta."""
-    import pickle
+# CIFAR-10's classes in label order, as its batches.meta lists them; that file is a pickle, and reading it would run
+# whatever code a tampered copy holds
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
+
+def _torchvision_classes(datamodule: Any) -> list[str] | None:
+    """torchvision's names: MNIST's and Fashion-MNIST's are in their dataset classes; CIFAR-10's are fixed."""
     import torchvision.datasets
 
     from zoo.data.vision import DATASETS
@@ -278,11 +281,7 @@ def _torchvision_classes(datamodule: Any) -> list[str] | None:
     names = getattr(getattr(torchvision.datasets, DATASETS[datamodule.name][0]), "classes", None)
     if isinstance(names, list):
         return names
-    meta = datamodule.folder / "batches.meta"
-    if not meta.is_file():
-        return None
-    with open(meta, "rb") as f:
-        return list(pickle.load(f, encoding="latin1")["label_names"])  # the file torchvision itself unpickles
+    return list(CIFAR10_CLASSES) if datamodule.name == "cifar10" else None
 
 
 def _device(cfg: DictConfig) -> Any:
