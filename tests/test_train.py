@@ -209,6 +209,47 @@ def test_cross_validation_reports_mean_and_std_over_folds(train_config) -> None:
     assert all((Path(cfg.paths.output_dir) / f"fold_{i}" / "config.yaml").is_file() for i in range(3))
 
 
+def test_the_default_patience_ends_a_run_that_stopped_improving(train_config) -> None:
+    cfg = train_config(
+        "model=logreg",
+        "optimizer=sgd",
+        "optimizer.lr=0",  # nothing is learnt, so val/acc never improves after the first epoch
+        "scheduler=none",
+        "trainer.max_epochs=45",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "logger=none",
+    )
+    assert cfg.callbacks.early_stopping.patience == 30
+    train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 30, last["epoch"]  # the first epoch sets the best, thirty more without improvement
+
+
+def test_families_trained_for_a_budget_are_not_stopped_on_a_plateau(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from zoo.callbacks import PlateauStopping
+    from zoo.tasks.classification import ClassificationTask
+    from zoo.tasks.cyclegan import CycleGANTask
+    from zoo.tasks.dqn import DQNTask
+    from zoo.tasks.gan import GANTask
+    from zoo.tasks.pggan import PGGANTask
+
+    checks: list[str] = []
+    monkeypatch.setattr(EarlyStopping, "on_validation_end", lambda self, trainer, module: checks.append("val"))
+    monkeypatch.setattr(EarlyStopping, "on_train_epoch_end", lambda self, trainer, module: checks.append("epoch"))
+    stopper = PlateauStopping(monitor="val/loss")
+    for task in (DQNTask, GANTask, PGGANTask, CycleGANTask):
+        module = object.__new__(task)  # the class's own setting is all that is read
+        stopper.on_validation_end(None, module)
+        stopper.on_train_epoch_end(None, module)
+    assert checks == []
+    stopper.on_validation_end(None, object.__new__(ClassificationTask))
+    stopper.on_train_epoch_end(None, object.__new__(ClassificationTask))
+    assert checks == ["val", "epoch"]
+
+
 def test_the_early_stopping_preset_ends_a_run_that_stopped_improving(train_config) -> None:
     cfg = train_config("model=logreg", "callbacks=early_stopping", "logger=none", folder="preset")
     assert cfg.callbacks.early_stopping.patience == 10 and "last_checkpoint" in cfg.callbacks

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelSummary
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelSummary
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from zoo.errors import TrainingDiverged
@@ -284,6 +284,20 @@ class FrozenNormsInEval(Callback):
         for module in self.modules:
             if module.training:
                 module.eval()
+
+
+class PlateauStopping(EarlyStopping):
+    """Lightning's early stopping, except for tasks that train for a budget rather than to a plateau: a task whose
+    `stops_on_plateau` is False (DQN: its budget of environment steps and the policy it ends with; GANs, PGGAN and
+    CycleGAN: a schedule whose noisy image scores are not a loss that levels off) trains to its last epoch."""
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if getattr(pl_module, "stops_on_plateau", True):
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if getattr(pl_module, "stops_on_plateau", True):
+            super().on_train_epoch_end(trainer, pl_module)
 
 
 class Unfreeze(Callback):

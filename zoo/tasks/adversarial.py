@@ -189,6 +189,8 @@ class AdversarialTask(L.LightningModule):
     generator's statistics at every update instead.
     """
 
+    stops_on_plateau = False  # trains for its budget whatever `monitor` does (zoo.callbacks.PlateauStopping)
+
     def __init__(
         self,
         generator: nn.Module,

@@ -136,6 +136,8 @@ class CycleGANTask(L.LightningModule):
     test images every `grid_every_n_epochs` epochs, and val/*, test/* scores.
     """
 
+    stops_on_plateau = False  # trains for its budget whatever `monitor` does (zoo.callbacks.PlateauStopping)
+
     eval_modes = ("translate",)
 
     def __init__(

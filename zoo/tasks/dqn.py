@@ -413,6 +413,8 @@ class DQNTask(L.LightningModule):
     Images tab of TensorBoard).
     """
 
+    stops_on_plateau = False  # trains for its budget whatever `monitor` does (zoo.callbacks.PlateauStopping)
+
     eval_modes = ("episodes", "render")
 
     def __init__(
