@@ -68,7 +68,7 @@ def mnist1d(args: argparse.Namespace, folder: Path) -> str:
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = [("GRU (zoo, gru_mnist1d)", "gru_mnist1d", [])]
     if args.lstm:
-        recipes.append(("LSTM (zoo, gru_mnist1d model.net.cell=lstm)", "gru_mnist1d", ["model.net.cell=lstm"]))
+        recipes.append(("LSTM (zoo, lstm_mnist1d)", "lstm_mnist1d", []))
     recipes.append(("transformer (zoo, transformer_mnist1d)", "transformer_mnist1d", []))
     rows = [["model", "MNIST-1D test accuracy", "source"]]
     rows += [[name, f"{value:.2f}", "paper"] for name, value in PAPER.items()]
@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="mnist1d,lm,seq2seq", help="comma-separated: mnist1d, lm, seq2seq")
     parser.add_argument("--seeds", default="1,2,3", help="training seeds of the MNIST-1D recipes")
-    parser.add_argument("--lstm", action="store_true", help="also the LSTM on MNIST-1D (model.net.cell=lstm)")
+    parser.add_argument("--lstm", action="store_true", help="also the LSTM on MNIST-1D (experiment=lstm_mnist1d)")
     parser.add_argument("--seq2seq-seeds", default="1", help="training seeds of each seq2seq task")
     parser.add_argument("--lm-seed", type=int, default=1, help="training seed of both language models")
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs of every run")
