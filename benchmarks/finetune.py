@@ -99,16 +99,19 @@ def results_table(rows: list[Row]) -> str:
     return table(lines, right={2, 4, 5})
 
 
+def pretrained(given: str | None, experiment: str, metric: str, folder: Path) -> Path:
+    """The checkpoint given on the command line, or the last one of `experiment=<experiment> seed=0` trained now."""
+    if given:
+        print(f"pre-trained ({experiment}): {Path(given).resolve()}")
+        return Path(given).resolve()
+    metrics, seconds, output = run([f"experiment={experiment}", f"seed={PRETRAIN_SEED}"], folder, experiment)
+    print(f"pre-trained: {experiment} seed {PRETRAIN_SEED}, {metric} {metrics[metric]:.4f} in {seconds:.1f} s")
+    return output / "checkpoints" / "last.ckpt"
+
+
 def digits_part(args: argparse.Namespace, seeds: list[int], folder: Path) -> str:
     """The CNN pre-trained on MNIST 5k, fine-tuned on 10 digits per class, beside training from scratch."""
-    if args.pretrained:
-        checkpoint = Path(args.pretrained).resolve()
-        print(f"pre-trained: {checkpoint}")
-    else:
-        metrics, seconds, output = run(["experiment=cnn_mnist5k", f"seed={PRETRAIN_SEED}"], folder, "pretrain")
-        checkpoint = output / "checkpoints" / "last.ckpt"
-        accuracy = metrics["test/acc"]
-        print(f"pre-trained: cnn_mnist5k seed {PRETRAIN_SEED}, MNIST test/acc {accuracy:.4f} in {seconds:.1f} s")
+    checkpoint = pretrained(args.pretrained, "cnn_mnist5k", "test/acc", folder)
 
     init = f"init_from={checkpoint}"
     zero_shot = Row("pre-trained, not fine-tuned", "finetune_digits train=false")
@@ -142,13 +145,7 @@ def digits_part(args: argparse.Namespace, seeds: list[int], folder: Path) -> str
 
 def lm_part(args: argparse.Namespace, seeds: list[int], folder: Path) -> str:
     """The char LM's blocks in an MNIST-1D encoder classifier, beside the same network from random weights."""
-    if args.lm_pretrained:
-        checkpoint = Path(args.lm_pretrained).resolve()
-        print(f"language model: {checkpoint}")
-    else:
-        metrics, seconds, output = run(["experiment=char_lm", f"seed={PRETRAIN_SEED}"], folder, "char_lm")
-        checkpoint = output / "checkpoints" / "last.ckpt"
-        print(f"language model: char_lm seed {PRETRAIN_SEED}, test/ppl {metrics['test/ppl']:.2f} in {seconds:.1f} s")
+    checkpoint = pretrained(args.lm_pretrained, "char_lm", "test/ppl", folder)
     initialised = Row("LM blocks, fine-tuned", "lm_init_mnist1d init_from=<char_lm ckpt>")
     scratch = Row("from scratch, same network", "lm_init_mnist1d")
     reference = Row("the zoo's recipe (width 64)", "transformer_mnist1d")
