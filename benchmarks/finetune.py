@@ -190,6 +190,8 @@ def main() -> None:
             f"--pretrained: no file at '{args.pretrained}'; make one with python train.py experiment=cnn_mnist5k"
         )
 
+    if args.lm_pretrained and not Path(args.lm_pretrained).is_file():
+        parser.error(f"--lm-pretrained: no file at '{args.lm_pretrained}'; make one with python train.py experiment=char_lm")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - {"digits", "lm"}:
         parser.error(f"--parts: expected digits and/or lm, got '{args.parts}'")
