@@ -191,7 +191,7 @@ def main() -> None:
         )
 
     if args.lm_pretrained and not Path(args.lm_pretrained).is_file():
-        parser.error(f"--lm-pretrained: no file at '{args.lm_pretrained}'; make one with python train.py experiment=char_lm")
+        parser.error(f"--lm-pretrained: no file at '{args.lm_pretrained}'; train.py experiment=char_lm makes one")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - {"digits", "lm"}:
         parser.error(f"--parts: expected digits and/or lm, got '{args.parts}'")
