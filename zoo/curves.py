@@ -191,8 +191,11 @@ def _plot_learning(
     _train_and_val_bands(axes, rows, list(results.values()), metric)
     axes.set(xlabel="training rows", ylabel=metric, title=f"{title}: learning curve")
     axes.legend()
-    figure.text(0.01, 0.01, verdict[:110], fontsize=7)
-    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    import textwrap
+
+    lines = textwrap.wrap(verdict, 110)  # the whole verdict, on as many lines as it takes
+    figure.text(0.01, 0.01, "\n".join(lines), fontsize=7)
+    figure.tight_layout(rect=(0, 0.025 + 0.025 * len(lines), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     from torch.utils.tensorboard import SummaryWriter
