@@ -17,8 +17,7 @@ its linear decay to lr * 1e-4. Speed is training words (in the vocabulary, befor
 the seconds of training alone: gensim's train(); the zoo's Lightning fit from the first training batch to the last
 (validation, checkpoints and logging off), drawing its examples in the same process. Both get the same number of
 threads: for each count t in --threads, gensim runs with workers=t (its worker threads; one more thread only hands
-them sentences) and the zoo with model.workers=t (threads sharing each batch's chunks, Hogwild, one kernel thread
-each) and torch.set_num_threads(t) for the rest. The two run alternately, seed by seed, so that the load
+them sentences) and the zoo with torch.set_num_threads(t). The two run alternately, seed by seed, so that the load
 of a shared machine falls on both; words per CPU-second (process CPU time, all threads) is printed beside words per
 wall-clock second, since it moves less with that load. Analogy accuracy is
 on questions-words.txt, restricted to the questions whose four words are in both vocabularies, answered by cosine
@@ -85,7 +84,6 @@ def zoo_run(
         f"seed={seed}",
         *([f"data.batch_size={args.batch_size}"] if args.batch_size else []),
         *([f"model.sgd_chunk={args.sgd_chunk}"] if args.sgd_chunk else []),
-        f"model.workers={threads}",
         "trainer.accelerator=cpu",
         "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0",
@@ -173,7 +171,7 @@ def gensim_name(workers: int) -> str:
 
 
 def zoo_name(threads: int) -> str:
-    return f"zoo, model.workers={threads}"
+    return f"zoo, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:

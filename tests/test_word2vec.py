@@ -320,8 +320,6 @@ def test_cbow_and_the_experiment_run_with_analogies(train_config, corpus: Path, 
         ("data.analogy_path=/no/questions.txt", r"^data.analogy_path: no file at"),
         ("optimizer.momentum=0.9", r"^optimizer.momentum: 0.9 with sparse embedding gradients"),
         ("model.sgd_chunk=0", r"^model.sgd_chunk: expected an integer >= 1, got 0$"),
-        ("model.workers=0", r"^model.workers: expected an integer >= 1, got 0$"),
-        ("model.workers=2 model.fused_sgd=false", r"^model.workers: 2 threads need the fused SGD step; allowed: 1"),
     ],
 )
 def test_bad_values_are_one_line_user_errors(train_config, corpus: Path, override: str, message: str) -> None:
@@ -424,39 +422,6 @@ def test_a_chunked_fused_step_is_one_step_per_chunk(mode: str) -> None:
         assert torch.allclose(value, nets[1].state_dict()[name], atol=1e-6), name
     nets[2].sgd_step(inputs, mask, targets, negatives, lr=0.5)  # one step of all 70: later chunks see moved rows
     assert not torch.allclose(nets[2].input.weight, nets[0].input.weight, atol=1e-4)
-
-
-@pytest.mark.parametrize("mode", ["skipgram", "cbow"])
-def test_worker_threads_take_the_chunked_step_where_chunks_share_no_row(mode: str) -> None:
-    """Four chunks of 16 examples, each on its own 10 words: two threads in any interleaving give the sequential
-    step's tables and per-example losses, in example order."""
-    torch.manual_seed(2)
-    nets = [Word2Vec(40, 8, mode=mode) for _ in range(2)]
-    with torch.no_grad():
-        nets[0].output.weight.normal_()
-        nets[1].load_state_dict(nets[0].state_dict())
-    block = torch.arange(4).repeat_interleave(16) * 10  # chunk c draws from words 10c .. 10c + 9
-    shape = (64,) if mode == "skipgram" else (64, 3)
-    inputs = (block if mode == "skipgram" else block[:, None]) + torch.randint(0, 10, shape)
-    mask = None if mode == "skipgram" else torch.rand(64, 3) > 0.3
-    targets, negatives = block + torch.randint(0, 10, (64,)), block[:, None] + torch.randint(0, 10, (64, 5))
-    sequential = nets[0].sgd_step(inputs, mask, targets, negatives, lr=0.5, chunk=16)
-    threaded = nets[1].sgd_step(inputs, mask, targets, negatives, lr=0.5, chunk=16, workers=2)
-    assert torch.allclose(threaded, sequential, atol=1e-6)
-    for name, value in nets[0].state_dict().items():
-        assert torch.allclose(value, nets[1].state_dict()[name], atol=1e-6), name
-
-
-def test_worker_threads_train_as_well_as_one(train_config, corpus: Path, tmp_path: Path) -> None:
-    """Hogwild's races cost nothing measurable: two workers end at the held-out loss of one, within 2%."""
-    losses = []
-    for workers in (1, 2):
-        cfg = train_config(
-            *TINY, f"data.path={corpus}", f"model.workers={workers}", "model.sgd_chunk=16", folder=f"workers_{workers}"
-        )
-        train(cfg)
-        losses.append(json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["test/loss"])
-    assert abs(losses[1] - losses[0]) <= 0.02 * losses[0], losses
 
 
 def test_the_training_loss_is_logged_once_an_epoch(trained) -> None:

@@ -7,8 +7,6 @@ the dense gradient of a 100k x 300 table per step would cost more than the whole
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -78,7 +76,6 @@ class Word2Vec(nn.Module):
         negatives: torch.Tensor,
         lr: float,
         chunk: int | None = None,
-        workers: int = 1,
     ) -> torch.Tensor:
         """Plain SGD on the summed negative-sampling loss of a batch, gradients written out by hand; the per-example
         losses before their step.
@@ -93,11 +90,6 @@ class Word2Vec(nn.Module):
         word2vec.c updates after every example, so smaller steps are the closer to it, and the rows a step gathers
         (chunk x (1 + K) x dim floats) then stay in the CPU's cache between the gather and the scatter, which is
         what a step's time goes to; 1,024 examples of 100 dimensions are 2.4 MB.
-
-        `workers` > 1: the chunks are shared out among that many threads, chunk w, w + workers, ... to thread w, each
-        updating the shared tables without locks (Hogwild, Recht et al. 2011; word2vec.c and gensim train so too).
-        PyTorch's kernels release the GIL, so the threads run in parallel. Two threads may add to one row at once, so
-        the result is not reproducible bit for bit; with one worker it is.
         """
         candidates = torch.cat([targets.unsqueeze(1), negatives], 1)
         counted = torch.ones(candidates.shape, dtype=self.output.weight.dtype, device=candidates.device)
@@ -111,25 +103,15 @@ class Word2Vec(nn.Module):
             starts = torch.cat([owner.new_zeros(1), mask.sum(1).cumsum(0)])
         bounds = [] if starts is None else starts.tolist()
         size = max(1, len(targets) if chunk is None else int(chunk))
-        parts = []
+        losses = []
         for begin in range(0, len(targets), size):
             end = min(begin + size, len(targets))
             part = (words[begin:end], None, None)
             if owner is not None and starts is not None:
                 first, last = bounds[begin], bounds[end]
                 part = (words[first:last], owner[first:last] - begin, starts[begin:end] - first)
-            parts.append((*part, candidates[begin:end], counted[begin:end], rate[begin:end]))
-        if workers > 1 and len(parts) > 1:
-            share = [parts[w::workers] for w in range(min(workers, len(parts)))]
-            done = list(_thread_pool(len(share)).map(self._sgd_chunks, share))
-            losses = [done[k % len(share)][k // len(share)] for k in range(len(parts))]  # back in example order
-        else:
-            losses = self._sgd_chunks(parts)
+            losses.append(self._sgd_chunk(*part, candidates[begin:end], counted[begin:end], rate[begin:end]))
         return torch.cat(losses) if losses else counted.new_zeros(0)
-
-    @torch.no_grad()  # again here: grad mode is a thread's own, and worker threads start with it on
-    def _sgd_chunks(self, parts: list[tuple[torch.Tensor | None, ...]]) -> list[torch.Tensor]:
-        return [self._sgd_chunk(*part) for part in parts]  # type: ignore[arg-type]
 
     def _sgd_chunk(
         self,
@@ -178,20 +160,6 @@ class Word2Vec(nn.Module):
     def vectors(self) -> torch.Tensor:
         """The word vectors (the input table), as word2vec.c writes them out."""
         return self.input.weight
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """One pool per thread count for the process's life: starting threads on every step would cost more than a
-    chunk. Each thread runs its kernels on itself alone (torch's thread count is per thread under OpenMP): the
-    workers are the parallelism, and a chunk's kernels split in two ran slower than on one thread."""
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(
-            workers, thread_name_prefix="word2vec", initializer=torch.set_num_threads, initargs=(1,)
-        )
-    return _POOLS[workers]
 
 
 def negative_sampling_loss(scores: torch.Tensor) -> torch.Tensor:

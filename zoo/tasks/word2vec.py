@@ -51,9 +51,7 @@ class Word2VecTask(L.LightningModule):
     steps to `min_lr_fraction` of the start, as word2vec.c does (gensim: to min_alpha = 1e-4). A step sums the
     updates of every example that touches a row, computed at the same weights: where a step holds a word hundreds
     of times (tiny vocabularies, very large steps) that can overshoot; the divergence guard then names the step, and
-    a smaller model.sgd_chunk (data.batch_size without fused SGD) or lr fixes it. `workers` > 1 shares a batch's
-    chunks among that many threads updating the tables without locks, as gensim's workers do (not reproducible bit
-    for bit; one worker is).
+    a smaller model.sgd_chunk (data.batch_size without fused SGD) or lr fixes it.
 
     Logs `train/loss` (per example), `val/loss` and `test/loss` (held-out text, fixed negatives), and where the data
     has analogy questions, `val/analogy_acc` on its validation half and `test/analogy_acc` on its test half
@@ -81,7 +79,6 @@ class Word2VecTask(L.LightningModule):
         plot_words: Sequence[str] | None = None,
         fused_sgd: bool = True,
         sgd_chunk: int | None = 1024,
-        workers: int = 1,
     ) -> None:
         super().__init__()
         if not hasattr(data, "words"):
@@ -111,12 +108,6 @@ class Word2VecTask(L.LightningModule):
         function = getattr(optimizer, "func", optimizer)
         self.fused = bool(fused_sgd) and function is torch.optim.SGD and bool(getattr(self.net, "sparse", False))
         self.automatic_optimization = not self.fused
-        self.workers = _positive_int("model.workers", workers)
-        if self.workers > 1 and not self.fused:
-            raise UserError(
-                f"model.workers: {workers} threads need the fused SGD step; allowed: 1, or optimizer=sgd with "
-                "model.net.sparse=true and model.fused_sgd=true"
-            )
         # the vocabulary travels in the checkpoint (UTF-8 bytes and offsets), so a checkpoint names its own words
         encoded = [w.encode("utf-8") for w in data.words]
         self.register_buffer(
@@ -174,9 +165,7 @@ class Word2VecTask(L.LightningModule):
         optimizer = self.optimizers()
         inputs, mask, targets, negatives = batch
         lr = float(optimizer.optimizer.param_groups[0]["lr"])
-        losses = self.net.sgd_step(
-            inputs, mask if mask.numel() else None, targets, negatives, lr, self.sgd_chunk, self.workers
-        )
+        losses = self.net.sgd_step(inputs, mask if mask.numel() else None, targets, negatives, lr, self.sgd_chunk)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
