@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,6 @@ def _plot_learning(
     _train_and_val_bands(axes, rows, list(results.values()), metric)
     axes.set(xlabel="training rows", ylabel=metric, title=f"{title}: learning curve")
     axes.legend()
-    import textwrap
-
     lines = textwrap.wrap(verdict, 110)  # the whole verdict, on as many lines as it takes
     figure.text(0.01, 0.01, "\n".join(lines), fontsize=7)
     figure.tight_layout(rect=(0, 0.025 + 0.025 * len(lines), 1, 1))
