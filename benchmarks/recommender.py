@@ -188,6 +188,7 @@ def movielens_side_by_side(args: argparse.Namespace) -> None:
 
     path = args.movielens.expanduser().resolve()
     wanted = [n.strip() for n in args.surprise.split(",") if n.strip()]
+    experiments = [n.strip() for n in args.experiment.split(",") if n.strip()]
     unknown = sorted(set(wanted) - set(SURPRISE_MODELS))
     if unknown:
         raise SystemExit(f"--surprise: unknown {', '.join(unknown)}; allowed: {', '.join(SURPRISE_MODELS)}")
@@ -210,14 +211,15 @@ def movielens_side_by_side(args: argparse.Namespace) -> None:
             mean = float(np.mean(train[2], dtype=np.float64))
             rmse, mae = _errors(np.full(len(test[2]), mean), test[2])
             results.setdefault("global mean", []).append({"rmse": rmse, "mae": mae})
-            label = f"zoo {args.experiment}"
-            results.setdefault(label, []).append(
-                zoo_fold(args.experiment, path, args.folds, fold, args.fold_seed, Path(tmp))
-            )
-            if args.nested:
-                results.setdefault(f"{label}, nested selection", []).append(
-                    nested_fold(args.experiment, path, args.folds, fold, args.fold_seed, Path(tmp))
+            for experiment in experiments:
+                label = f"zoo {experiment}"
+                results.setdefault(label, []).append(
+                    zoo_fold(experiment, path, args.folds, fold, args.fold_seed, Path(tmp))
                 )
+                if args.nested:
+                    results.setdefault(f"{label}, nested selection", []).append(
+                        nested_fold(experiment, path, args.folds, fold, args.fold_seed, Path(tmp))
+                    )
             for model in wanted:
                 results.setdefault(f"Surprise {SURPRISE_MODELS[model]}", []).append(
                     surprise_fold(model, train, test, split.scale)
@@ -292,7 +294,11 @@ def main() -> None:
     parser.add_argument("--movielens", type=Path, default=None, help="a MovieLens folder (any format data.path reads)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold-seed", type=int, default=0, help="the seed of the shuffled k-fold (data.split_seed)")
-    parser.add_argument("--experiment", default="mf_movielens", help="the zoo recipe to run on the folds")
+    parser.add_argument(
+        "--experiment",
+        default="mf_movielens,autorec_movielens",
+        help="the zoo recipes to run on the folds, comma-separated",
+    )
     parser.add_argument("--surprise", default="svd,svdpp,baseline", help="Surprise models: svd, svdpp, baseline")
     parser.add_argument("--no-synthetic", dest="synthetic", action="store_false", help="only the MovieLens part")
     parser.add_argument("--no-explicit", dest="explicit", action="store_false", help="MovieLens: leave out Surprise's")

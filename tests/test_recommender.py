@@ -787,3 +787,49 @@ def test_svdpp_trains_through_train_py_and_refuses_als(train_config) -> None:
         from zoo.run import build_model
 
         build_model(train_config("model=svdpp", "data=ratings_synthetic", *SMALL, "model.solver=als"))
+
+
+def test_autorec_scores_the_asked_cells_like_the_dense_decoder_and_falls_back_for_unknown_ids() -> None:
+    from zoo.nn.recommender import AutoRec
+
+    torch.manual_seed(0)
+    net = AutoRec(4, 5, hidden=3)
+    users, items = torch.tensor([0, 1, 1, 2, 0]), torch.tensor([0, 0, 2, 2, 0])  # (0, 0) rated twice
+    ratings = torch.tensor([1.0, 4.0, 5.0, 2.0, 3.0])
+    net.set_ratings(users, items, ratings)
+    item_mean = torch.tensor([3.5, 0.0, 3.5, 0.0, 0.0])
+    net.set_statistics(3.0, item_mean, torch.tensor([True, True, True, False]), torch.tensor([1, 0, 1, 0, 0]).bool())
+    columns = torch.zeros(5, 4)
+    columns[items, users] = ratings  # the last rating of (0, 0) wins: 3
+    assert columns[0, 0] == 3.0 and len(net.input_ratings) == 4
+    codes = torch.sigmoid(columns @ net.encoder + net.encoder_bias)
+    dense = net.decoder @ codes.T + net.decoder_bias[:, None]
+    # unsorted, repeated cells; user 3 has no training data (item mean), item 3 neither (global mean)
+    asked_users, asked_items = torch.tensor([2, 0, 1, 0, 3, 1]), torch.tensor([0, 2, 0, 2, 2, 3])
+    expected = dense[asked_users, asked_items]
+    expected[4], expected[5] = 3.5, 3.0
+    assert torch.allclose(net(asked_users, asked_items), expected, atol=1e-6)
+    assert torch.allclose(net.predict_all(torch.tensor([3]))[0], torch.tensor([3.5, 3.0, 3.5, 3.0, 3.0]))
+    assert torch.allclose(net.predict_all(torch.tensor([1]))[0, [0, 2]], dense[1, [0, 2]], atol=1e-6)
+    norms, biases = net.penalty(asked_users, asked_items)
+    assert torch.isclose(norms, (net.encoder.square().sum() + net.decoder.square().sum()) / 4) and biases == 0
+    net(torch.tensor([0, 1]), torch.tensor([2, 0])).sum().backward()
+    assert net.encoder.grad[0].abs().sum() > 0 and net.encoder.grad[3].eq(0).all()  # user 3 rated nothing
+
+
+def test_autorec_learns_ratings_through_train_py_and_refuses_als(train_config) -> None:
+    overrides = (
+        "model.net.hidden=32",
+        "model.factor_l2=5",
+        "optimizer.lr=0.03",
+        "trainer.max_epochs=300",
+        "logger=none",
+    )
+    cfg = train_config("model=autorec", "data=ratings_synthetic", *SMALL, "data.batch_size=100000", *overrides)
+    train(cfg)
+    metrics = metrics_of(cfg)
+    assert metrics["test/rmse"] < 0.75, metrics  # noise floor 0.5; the global mean alone: about 0.95
+    with pytest.raises(Exception, match="solver=als solves BiasedMF"):
+        from zoo.run import build_model
+
+        build_model(train_config("model=autorec", "data=ratings_synthetic", *SMALL, "model.solver=als"))

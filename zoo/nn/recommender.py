@@ -173,6 +173,101 @@ class SVDpp(BiasedMF):
         return factors + self.implicit_factors(items).square().sum(-1), biases
 
 
+def _csr(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from entries already sorted by row."""
+    counts = torch.bincount(rows, minlength=shape[0])
+    indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(indptr, columns, values, shape)
+
+
+class AutoRec(nn.Module):
+    """I-AutoRec (Sedhain et al., 2015): each item is its column of training ratings (one entry per user, empty
+    where unrated), encoded to `hidden` sigmoid units and decoded back to a rating for every user:
+    r(u, i) = W_u . sigmoid(V r_i + mu) + b_u. The squared error counts observed entries only, so the network learns
+    to fill in the empty ones; its L2 covers the two weight matrices (`penalty`).
+
+    The input columns are the training ratings (`set_ratings`), kept as a sparse matrix in the checkpoint. Encoding
+    is one sparse product; decoding evaluates only the asked (user, item) cells (a sampled product), never the
+    dense users x items matrix. Ids without training data get the item's training mean, or the global mean.
+    """
+
+    def __init__(self, num_users: int, num_items: int, hidden: int = 500) -> None:
+        super().__init__()
+        if num_users < 1 or num_items < 1 or hidden < 1:
+            raise ValueError(f"AutoRec needs num_users, num_items, hidden >= 1, got {num_users}, {num_items}, {hidden}")
+        self.encoder = nn.Parameter(torch.randn(num_users, hidden) * num_users**-0.5)
+        self.encoder_bias = nn.Parameter(torch.zeros(hidden))
+        self.decoder = nn.Parameter(torch.randn(num_users, hidden) * hidden**-0.5)
+        self.decoder_bias = nn.Parameter(torch.zeros(num_users))
+        self.register_buffer("global_mean", torch.zeros(()))
+        self.register_buffer("item_mean", torch.zeros(num_items))
+        self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
+        self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
+        # the training ratings as (item, user, rating) sorted by item: the encoder's input columns
+        self.register_buffer("input_items", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("input_users", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("input_ratings", torch.zeros(0))
+
+    set_statistics = BiasedMF.set_statistics
+    known = BiasedMF.known
+
+    @torch.no_grad()
+    def set_ratings(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> None:
+        """The training ratings the items are encoded from (a pair rated twice keeps its last rating)."""
+        num_users = len(self.user_known)
+        cells, group = torch.unique(items.long() * num_users + users.long(), return_inverse=True)  # item-major
+        order = torch.arange(len(group))
+        last = torch.zeros(len(cells), dtype=torch.long).scatter_reduce(0, group, order, "amax", include_self=False)
+        self.input_items = (cells // num_users).to(self.input_items.device)
+        self.input_users = (cells % num_users).to(self.input_users.device)
+        self.input_ratings = ratings[last].to(self.encoder)
+
+    def item_codes(self) -> torch.Tensor:
+        """Every item's hidden code: (num_items, hidden)."""
+        shape = (len(self.item_known), len(self.user_known))
+        columns = _csr(self.input_items, self.input_users, self.input_ratings, shape)
+        return torch.sigmoid(columns @ self.encoder + self.encoder_bias)
+
+    def _fallback(self, items: torch.Tensor, item_ok: torch.Tensor) -> torch.Tensor:
+        return torch.where(item_ok, self.item_mean[items], self.global_mean)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Predicted ratings of the pairs (users[b], items[b])."""
+        users, user_ok = _known(users, self.user_known)
+        items, item_ok = _known(items, self.item_known)
+        num_items = len(self.item_known)
+        cells, position = torch.unique(users * num_items + items, return_inverse=True)  # sorted: CSR order
+        pattern = _csr(
+            cells // num_items,
+            cells % num_items,
+            torch.ones_like(cells, dtype=self.decoder.dtype),
+            (len(self.user_known), num_items),
+        )
+        dots = torch.sparse.sampled_addmm(pattern, self.decoder, self.item_codes().T, beta=0.0).values()
+        predictions = dots[position] + self.decoder_bias[users]
+        return torch.where(user_ok & item_ok, predictions, self._fallback(items, item_ok))
+
+    def predict_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Predicted ratings of each user against every item: (B, num_items)."""
+        users, user_ok = _known(users, self.user_known)
+        items = torch.arange(len(self.item_known), device=users.device)
+        scores = self.decoder[users] @ self.item_codes().T + self.decoder_bias[users, None]
+        fallback = self._fallback(items, self.item_known)[None, :]
+        return torch.where(user_ok[:, None] & self.item_known[None, :], scores, fallback)
+
+    def penalty(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The squared norms of both weight matrices, spread over the training ratings: with the mean squared error
+        of a batch, factor_l2 * this is the paper's objective (sum of errors + lambda/2 * norms) over the rating
+        count, with factor_l2 = lambda / 2. Biases are not penalised."""
+        norms = (self.encoder.square().sum() + self.decoder.square().sum()) / max(len(self.input_ratings), 1)
+        return norms, torch.zeros_like(norms)
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_codes()
+
+
 class ALSGroups:
     """The training ratings seen from one side (users or items): each entity's count, the ratings as a sparse
     (entity x other side) CSR matrix, and padded blocks of entities with similar counts for exact solves.

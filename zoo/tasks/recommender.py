@@ -277,6 +277,8 @@ class RatingTask(_Recommender):
         )
         if hasattr(self.net, "set_implicit"):  # SVD++: which items each user rated in training
             self.net.set_implicit(*data.splits["train"][:2])
+        if hasattr(self.net, "set_ratings"):  # AutoRec: the training ratings are its input
+            self.net.set_ratings(*data.splits["train"])
         self.register_buffer("rating_scale", torch.tensor(data.scale, dtype=torch.float32))
         self.noise_std = data.noise_std
         self.train_loss, self.train_rmse = MeanMetric(), MeanSquaredError(squared=False)
