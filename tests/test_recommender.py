@@ -813,8 +813,23 @@ def test_autorec_scores_the_asked_cells_like_the_dense_decoder_and_falls_back_fo
     assert torch.allclose(net.predict_all(torch.tensor([1]))[0, [0, 2]], dense[1, [0, 2]], atol=1e-6)
     norms, biases = net.penalty(asked_users, asked_items)
     assert torch.isclose(norms, (net.encoder.square().sum() + net.decoder.square().sum()) / 4) and biases == 0
-    net(torch.tensor([0, 1]), torch.tensor([2, 0])).sum().backward()
-    assert net.encoder.grad[0].abs().sum() > 0 and net.encoder.grad[3].eq(0).all()  # user 3 rated nothing
+    # the sparse products' hand-written gradients equal autograd's through the dense computation
+    weights = torch.arange(1.0, 7.0)
+    (net(asked_users, asked_items)[:4] * weights[:4]).sum().backward()
+    encoder, decoder = net.encoder.detach().requires_grad_(), net.decoder.detach().requires_grad_()
+    dense = decoder @ torch.sigmoid(columns @ encoder + net.encoder_bias.detach()).T
+    (dense[asked_users[:4], asked_items[:4]] * weights[:4]).sum().backward()
+    assert torch.allclose(net.encoder.grad, encoder.grad, atol=1e-5) and net.encoder.grad.abs().sum() > 0
+    assert torch.allclose(net.decoder.grad, decoder.grad, atol=1e-5) and net.decoder.grad[3].eq(0).all()
+    state = net.state_dict()
+    state["input_ratings"] = state["input_ratings"].flip(0)
+    net.load_state_dict(state)  # other ratings, same shapes: the codes follow them
+    flipped = torch.zeros(5, 4)
+    flipped[[0, 0, 2, 2], [0, 1, 1, 2]] = torch.tensor(
+        [2.0, 5.0, 4.0, 3.0]
+    )  # cells item-major: (0,0) (0,1) (2,1) (2,2)
+    expected_codes = torch.sigmoid(flipped @ net.encoder + net.encoder_bias)
+    assert torch.allclose(net.item_codes(), expected_codes, atol=1e-6)
 
 
 def test_autorec_learns_ratings_through_train_py_and_refuses_als(train_config) -> None:
