@@ -3,13 +3,16 @@
 Why: a domain FID of 40 means nothing alone; next to the FID between two halves of the real test set (the best
 a generator can do with this many samples) and the FID of uniform noise (what no learning gives) it does. Each
 model trains through `zoo.run.train` with configs composed as `train.py` composes them (`experiment=<model>_mnist
-seed=<s>`), and is scored by its test step: domain FID, Inception-style score, class coverage, KL of the class
-histogram to uniform and mean classifier confidence, with mean ± std over seeds and the wall time per 1,000
-generator steps (whole run: training, validation and test). The test step scores the checkpoint with the best
+seed=<s>`), and is scored by its test step: domain FID, precision and recall in the scorer's feature space
+(k-NN manifolds), class coverage, KL of the class histogram to uniform, mean classifier confidence, the
+Inception-style score and, for a conditional GAN (`--models cgan`), the share of samples read as the class they
+were drawn for; mean ± std over seeds and the wall time per 1,000 generator steps (whole run: training,
+validation and test). The test step scores the checkpoint with the best
 validation FID; a second row scores each run's last checkpoint.
 
     python benchmarks/gan.py                                   # 4 models x seeds 1,2 at each experiment's epochs
     python benchmarks/gan.py --models dcgan,sngan --epochs 20 --seeds 1
+    python benchmarks/gan.py --models cgan --seeds 1,2,3 --threads 1
     python benchmarks/gan.py --device cuda --epochs 50 --jobs 8  # the targets need long runs: use a GPU
     python benchmarks/gan.py --device cuda --models wgan_gp_std,sngan_std --jobs 4   # the recipes at their epochs
 
@@ -37,9 +40,16 @@ from common import QUIET as COMMON_QUIET
 from omegaconf import DictConfig, open_dict
 
 QUIET = [*COMMON_QUIET, "logger=none"]
-SCORES = ("fid", "inception_score", "coverage", "kl_uniform", "confidence")
-# the figures a model should reach (mean over seeds): the targets set for WGAN-GP and SNGAN
-TARGETS = {"coverage": ">= 10", "kl_uniform": "<= 0.05", "confidence": ">= 0.9"}
+SCORES = ("fid", "precision", "recall", "coverage", "kl_uniform", "confidence", "inception_score", "conditional_acc")
+# the figures a model should reach (mean over seeds); conditional accuracy: conditional GANs only
+TARGETS = {
+    "precision": ">= 0.7",
+    "recall": ">= 0.5",
+    "coverage": ">= 10",
+    "kl_uniform": "<= 0.05",
+    "confidence": ">= 0.9",
+    "conditional_acc": ">= 0.9",
+}
 
 
 def compose_run(model: str, seed: int, root: Path, overrides: list[str]) -> DictConfig:
@@ -58,12 +68,12 @@ def run_one(model: str, seed: int, root: Path, overrides: list[str]) -> dict[str
     seconds = time.perf_counter() - start
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     g_steps = generator_steps(cfg)
-    row = {name: metrics[f"test/{name}"] for name in SCORES}
+    row = {name: metrics[f"test/{name}"] for name in SCORES if f"test/{name}" in metrics}
     row["floor"] = metrics["test/fid_real_floor"]
     row["s_per_1k_g_steps"] = 1000 * seconds / max(1, g_steps)
     row["g_steps"] = g_steps
     last = score_last_checkpoint(cfg)
-    row.update({f"last_{name}": last[f"test/{name}"] for name in SCORES})
+    row.update({f"last_{name}": last[f"test/{name}"] for name in SCORES if f"test/{name}" in last})
     return row
 
 
@@ -133,6 +143,8 @@ def references(root: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
 
 
 def summary(values: list[float]) -> str:
+    if not values:
+        return "-"
     mean = statistics.fmean(values)
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.3f} ± {spread:.3f}" if len(values) > 1 else f"{mean:.3f}"
@@ -170,13 +182,13 @@ def main() -> None:
     header = ["model", *SCORES, "s / 1k G steps", "G steps"]
     lines = [header, ["---"] * len(header)]
     for name, scores in refs.items():
-        lines.append([name, *(f"{scores[s]:.3f}" for s in SCORES), "", ""])
+        lines.append([name, *(f"{scores[s]:.3f}" if s in scores else "-" for s in SCORES), "", ""])
     for model, runs in rows.items():
-        cells = [summary([r[s] for r in runs]) for s in SCORES]
+        cells = [summary([r[s] for r in runs if s in r]) for s in SCORES]
         lines.append([model, *cells, summary([r["s_per_1k_g_steps"] for r in runs]), str(int(runs[0]["g_steps"]))])
-        last_cells = [summary([r[f"last_{s}"] for r in runs]) for s in SCORES]
+        last_cells = [summary([r[f"last_{s}"] for r in runs if f"last_{s}" in r]) for s in SCORES]
         lines.append([f"{model}, last checkpoint", *last_cells, "", ""])
-    lines.append(["target", "", "", *(TARGETS[s] for s in SCORES[2:]), "", ""])
+    lines.append(["target", *(TARGETS.get(s, "") for s in SCORES), "", ""])
     threads = f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
     print(f"\nseeds {seeds}, device {args.device}, {threads}, {args.jobs} run(s) at a time")
     print("\n".join("| " + " | ".join(line) + " |" for line in lines))

@@ -233,6 +233,14 @@ class AdversarialTask(L.LightningModule):
         self.scorer_spec = dict(scorer) if scorer is not None else None
         self.min_class_share, self.eval_seed, self.grid_every = min_class_share, eval_seed, grid_every_n_epochs
         self.latent_dim = int(generator.latent_dim)
+        # a conditional GAN (zoo.nn.gan.ConditionalGenerator with ProjectionDiscriminator) draws chosen classes
+        self.num_classes: int | None = getattr(generator, "num_classes", None)
+        if getattr(discriminator, "num_classes", None) != self.num_classes:
+            raise UserError(
+                "model.discriminator: a conditional generator needs a conditional critic with as many classes, and an "
+                "unconditional one an unconditional critic; allowed: zoo.nn.gan.ConditionalGenerator with "
+                "zoo.nn.gan.ProjectionDiscriminator, or neither"
+            )
         self.ema_decay, self.ema_bn_batches = ema_decay, ema_bn_batches
         self.generator_ema = copy.deepcopy(generator).requires_grad_(False) if ema_decay is not None else None
         self._ema_statistics_stale = True  # the EMA's batch-norm statistics lag its weights until recomputed
@@ -253,13 +261,31 @@ class AdversarialTask(L.LightningModule):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
 
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def grid_columns(self) -> int:
+        """8, or one column per class for a conditional GAN (it draws the classes in turn)."""
+        return self.num_classes if self.num_classes is not None else 8
+
     def run_eval_mode(self, mode: str, cfg: Any) -> dict[str, float]:
-        """`evaluate.py mode=sample`: the 8x8 grid of the fixed noise as <output_dir>/samples.png."""
+        """`evaluate.py mode=sample`: the grid of the fixed noise as <output_dir>/samples.png; `label=<class>` makes
+        every sample of a conditional GAN that class."""
         from torchvision.utils import save_image
 
+        label, labels = cfg.get("label"), None
+        if label is not None:
+            if self.num_classes is None:
+                raise UserError("label: only a conditional GAN (experiment=cgan_mnist) draws a chosen class")
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.num_classes:
+                raise UserError(f"label: expected a class in 0..{self.num_classes - 1}, got {label!r}")
+            labels = torch.full((len(self.fixed_noise),), label, dtype=torch.long, device=self.fixed_noise.device)
         path = Path(cfg.paths.output_dir) / "samples.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(self.sample(self.fixed_noise).float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+        images = self.sample(self.fixed_noise, labels).float()
+        save_image(images, path, nrow=self.grid_columns, normalize=True, value_range=(-1, 1))
         print(f"samples written to {path}")
         return {}
 
@@ -344,14 +370,15 @@ class AdversarialTask(L.LightningModule):
         self._ema_statistics_stale = False
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor) -> torch.Tensor:
-        """Images from noise with the sampling generator in eval mode (batch norm uses its running statistics)."""
+    def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images from noise with the sampling generator in eval mode (batch norm uses its running statistics); a
+        conditional GAN draws `labels`, or the classes in turn."""
         self.refresh_ema_statistics()
         network = self.sampler
         was_training = network.training
         network.eval()
         try:
-            return network(z)
+            return network(z) if labels is None else network(z, labels)
         finally:
             network.train(was_training)
 
@@ -362,7 +389,7 @@ class AdversarialTask(L.LightningModule):
         from torchvision.utils import make_grid
 
         images = self.sample(self.fixed_noise).float().cpu()
-        grid = make_grid(images, nrow=8, normalize=True, value_range=(-1, 1))
+        grid = make_grid(images, nrow=self.grid_columns, normalize=True, value_range=(-1, 1))
         writer.add_image("samples/fixed_noise", grid, self.global_step)
 
     # ---- scoring -----------------------------------------------------------------------------------------------
@@ -378,16 +405,20 @@ class AdversarialTask(L.LightningModule):
                 metric.reset()
                 metric.to(self.device)
 
-    def _score_batch(self, real: torch.Tensor) -> None:
+    def _score_batch(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Scores as many samples as real images; a conditional GAN draws the real batch's labels, and the share the
+        scorer reads as the class drawn is its conditional accuracy."""
         if self.scorer is None:
             return
         z = torch.randn(len(real), self.latent_dim, generator=self._eval_noise).to(real.device)
-        fake = self.sampler(z)
+        fake = self.sampler(z) if labels is None else self.sampler(z, labels)
         real_features, _ = self.scorer(real)
         fake_features, fake_probs = self.scorer(fake)
         self._scored["real"].append(real_features)
         self._scored["fake"].append(fake_features)
         self._scored["probs"].append(fake_probs)
+        if labels is not None:
+            self._scored.setdefault("hits", []).append(fake_probs.argmax(1) == labels)
         if self.inception is not None:
             to_rgb = lambda x: ((x.float() + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1)  # noqa: E731
             self.inception["fid"].update(to_rgb(real), real=True)
@@ -396,8 +427,11 @@ class AdversarialTask(L.LightningModule):
 
     def _scores(self) -> dict[str, float]:
         real, fake, probs = (torch.cat(self._scored[k]) for k in ("real", "fake", "probs"))
+        hits = self._scored.get("hits", [])
         self._scored = {}
         scores = generative_scores(real, fake, probs, self.min_class_share)
+        if hits:
+            scores["conditional_acc"] = float(torch.cat(hits).float().mean())
         if self.inception is not None:
             scores["fid_inception"] = float(self.inception["fid"].compute())
             scores["inception_score_inception"] = float(self.inception["is"].compute()[0])
@@ -406,8 +440,16 @@ class AdversarialTask(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._start_scoring()
 
+    def _labels(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The batch's labels where the GAN is conditional."""
+        if self.num_classes is None:
+            return None
+        if len(batch) < 2:
+            raise UserError("model.generator: a conditional GAN needs labelled data (a data config that keeps labels)")
+        return batch[1].long()
+
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self._score_batch(batch[0])
+        self._score_batch(batch[0], self._labels(batch))
 
     def on_validation_epoch_end(self) -> None:
         if not self._scored.get("real"):
@@ -423,7 +465,7 @@ class AdversarialTask(L.LightningModule):
         self._start_scoring()
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self._score_batch(batch[0])
+        self._score_batch(batch[0], self._labels(batch))
 
     def on_test_epoch_end(self) -> None:
         if not self._scored.get("real"):

@@ -12,6 +12,7 @@ first 25 generator steps and before every 500th, `n_critic` otherwise (`CriticSc
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -166,14 +167,16 @@ class GANTask(AdversarialTask):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
         real = batch[0]
+        # a conditional GAN: fakes of the batch's classes, and the critic scores every image with its label
+        label = {} if self.num_classes is None else {"labels": self._labels(batch)}
         z = torch.randn(len(real), self.latent_dim, device=real.device)
         with torch.no_grad():
-            fake = self.generator(z)
-        d_real, d_fake = self.discriminator(real), self.discriminator(fake)
+            fake = self.generator(z, **label)
+        d_real, d_fake = self.discriminator(real, **label), self.discriminator(fake, **label)
         loss_d = discriminator_loss(self.loss_kind, d_real, d_fake)
         total_d = loss_d
         if self.gp_weight > 0:
-            penalty = gradient_penalty(self.discriminator, real, fake)
+            penalty = gradient_penalty(functools.partial(self.discriminator, **label), real, fake)
             total_d = loss_d + self.gp_weight * penalty
             self.train_gp.update(penalty.detach())
             self.log("train/gp", self.train_gp, on_step=False, on_epoch=True)
@@ -201,7 +204,7 @@ class GANTask(AdversarialTask):
         try:
             for _ in range(self.accumulate):
                 z = torch.randn(len(real), self.latent_dim, device=real.device)
-                loss_g = generator_loss(self.loss_kind, self.discriminator(self.generator(z)))
+                loss_g = generator_loss(self.loss_kind, self.discriminator(self.generator(z, **label), **label))
                 self._check_finite("loss_g", loss_g)
                 self.manual_backward(loss_g / self.accumulate)
                 self.train_loss_g.update(loss_g.detach())

@@ -383,7 +383,7 @@ class PGGANTask(AdversarialTask):
     def sample(self, z: torch.Tensor) -> torch.Tensor:
         return self.generate(z.to(self.device), ema=True)
 
-    def _score_batch(self, real: torch.Tensor) -> None:
+    def _score_batch(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Scores the EMA generator at the final resolution, so that no checkpoint from before the network has
         grown to full size can be the best one; the current resolution's FID (`fid_current_res`) shows progress."""
         if self.scorer is None:
