@@ -380,8 +380,8 @@ class PGGANTask(AdversarialTask):
         return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor) -> torch.Tensor:
-        return self.generate(z.to(self.device), ema=True)
+    def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.generate(z.to(self.device), ema=True)  # unconditional: run_eval_mode refuses a label
 
     def _score_batch(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Scores the EMA generator at the final resolution, so that no checkpoint from before the network has
