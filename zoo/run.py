@@ -400,7 +400,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = (), **kwar
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
-    from zoo.callbacks import AtomicCheckpointIO, DivergenceGuard, LayerSummary
+    from zoo.callbacks import AtomicCheckpointIO, DivergenceGuard, LayerSummary, NoProfiler
 
     callbacks = [*extra_callbacks, *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
     callbacks.append(DivergenceGuard())
@@ -412,6 +412,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = (), **kwar
     if summary and not any(isinstance(c, ModelSummary) for c in callbacks):
         callbacks.append(LayerSummary())
     plugins = [*(instantiate(p) for p in cfg.trainer.get("plugins") or []), AtomicCheckpointIO()]
+    if kwargs.get("profiler") is None and cfg.trainer.get("profiler") is None:
+        kwargs["profiler"] = NoProfiler()
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
