@@ -267,3 +267,27 @@ def test_the_early_stopping_preset_ends_a_run_that_stopped_improving(train_confi
     train(cfg)
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2, last["epoch"]  # the first epoch sets the best, two more without improvement
+
+
+@pytest.mark.slow  # inductor compiles C++ for the MLP: about 30 s
+def test_compile_true_trains_and_writes_checkpoints_an_uncompiled_model_loads(train_config, tmp_path: Path) -> None:
+    quick = ("data=mnist1d", "model=mlp", "trainer.max_epochs=2", "logger=csv")
+    cfg = train_config(*quick, "compile=true")
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.3, metrics  # ten classes: chance is 0.1
+    state = checkpoint(cfg)["state_dict"]
+    plain = train_config(*quick, folder="plain")
+    from zoo.run import build_model
+
+    model = build_model(plain)
+    model.load_state_dict(state)  # the same names: no `_orig_mod.` prefix
+    assert model.net.__class__.__name__ != "OptimizedModule"
+
+
+def test_compile_true_on_a_task_without_a_net_is_one_line(train_config) -> None:
+    from zoo.errors import UserError
+    from zoo.run import build_model
+
+    with pytest.raises(UserError, match=r"^compile=true: GANTask keeps no network in `net` to compile"):
+        build_model(train_config("model=dcgan", "data=mnist5k_gan", "compile=true"))

@@ -446,7 +446,23 @@ def build_model(cfg: DictConfig, datamodule: Any | None = None) -> Any:
     extra = {}
     if takes_data(cfg.model):
         extra["data"] = datamodule if datamodule is not None else instantiate(cfg.data)
-    return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, monitor=monitor, _convert_="all", **extra)
+    model = instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, monitor=monitor, _convert_="all", **extra)
+    if cfg.get("compile"):
+        compile_network(model)
+    return model
+
+
+def compile_network(model: Any) -> None:
+    """`compile=true`: torch.compile the task's network in place (the module keeps its state_dict names)."""
+    import torch
+
+    net = getattr(model, "net", None)
+    if not isinstance(net, torch.nn.Module):
+        raise UserError(
+            f"compile=true: {type(model).__name__} keeps no network in `net` to compile; allowed: the tasks with one "
+            "(classification, regression, char_lm, seq2seq, vae, dqn, word2vec, recommenders); else compile=false"
+        )
+    net.compile()
 
 
 def takes_data(model_cfg: DictConfig) -> bool:
