@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from tests.conftest import compose_config
+from tests.test_gan import TINY as GAN_TINY
 from zoo.errors import UserError
 from zoo.nn.gan import (
     ConditionalGenerator,
@@ -22,22 +23,14 @@ from zoo.nn.gan import (
 )
 from zoo.run import build_model, evaluate, train
 
-# small networks and a briefly trained scorer: seconds on one CPU core
+# test_gan's quick run (briefly trained scorer, a few batches) with the conditional networks' nested keys
 TINY = [
     "experiment=cgan_mnist",
     "model.generator.latent_dim=16",
     "model.generator.generator.base_channels=8",
     "model.discriminator.discriminator.base_channels=8",
-    "model.scorer.channels=[8,16]",
-    "model.scorer.hidden=32",
-    "model.scorer.max_steps=5",
-    "data.eval_batch_size=200",
-    "trainer.limit_train_batches=4",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
+    *(o for o in GAN_TINY if o.startswith(("model.scorer", "data.", "trainer.")) and "max_epochs" not in o),
     "trainer.max_epochs=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.accelerator=cpu",
 ]
 
 
