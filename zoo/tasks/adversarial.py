@@ -262,10 +262,6 @@ class AdversarialTask(L.LightningModule):
         return self.generator(z)
 
     @property
-    def conditional(self) -> bool:
-        return self.num_classes is not None
-
-    @property
     def grid_columns(self) -> int:
         """8, or one column per class for a conditional GAN (it draws the classes in turn)."""
         return self.num_classes if self.num_classes is not None else 8
