@@ -159,6 +159,7 @@ def test_optuna_search_with_parallel_joblib_jobs(tmp_path: Path) -> None:
     assert len(values) == 2 and best["best_value"] == pytest.approx(max(values))
 
 
+@pytest.mark.slow  # two spawned processes, about 15 s
 def test_ddp_simulated_with_two_cpu_processes(tmp_path: Path) -> None:
     result = run_script("train.py", *SHORT, "model=mlp", "trainer=ddp_sim", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

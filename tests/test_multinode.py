@@ -45,6 +45,7 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow  # two torchrun agents, about 35 s
 def test_two_nodes_train_one_run_equal_to_one_process(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
     env |= {"PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}

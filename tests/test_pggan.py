@@ -329,6 +329,7 @@ def test_bad_settings_are_one_line_errors(train_config, override: str, message: 
     assert re.search(message, line) and "\n" not in line, line
 
 
+@pytest.mark.slow  # two train.py processes, about 18 s
 def test_experiment_fast_dev_run_through_train_py_and_a_bad_input_in_one_line(tmp_path: Path) -> None:
     quick = ["model.scorer.channels=[8,16]", "data.eval_batch_size=100"]  # one eval batch of the 32x32 networks
     done = run_script("train.py", "experiment=pggan_mnist", "debug=fdr", *quick, cwd=tmp_path)
