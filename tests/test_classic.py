@@ -45,6 +45,7 @@ def csv_config(train_config, path: Path, target: str, *overrides: str, folder: s
     )
 
 
+@pytest.mark.slow  # train.py and evaluate.py processes, about 15 s; tests/test_cli.py runs the same path
 def test_train_then_evaluate_end_to_end(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -407,6 +407,7 @@ def test_trainer_settings_lightning_cannot_honour_point_to_the_model_keys(
         train(cfg)
 
 
+@pytest.mark.slow  # train.py processes, about 15 s
 def test_train_py_reports_bad_folders_in_one_line(tmp_path: Path) -> None:
     for name, (skip, empty, expected) in {
         "missing": ("trainB", "", "trainB; expected trainA/ trainB/ testA/ testB/"),

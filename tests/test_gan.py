@@ -613,6 +613,7 @@ def test_torchmetrics_inception_scores_from_a_local_weights_file(train_config, t
     assert metrics["test/inception_score_inception"] >= 1.0 and "test/fid" in metrics, metrics
 
 
+@pytest.mark.slow  # train.py processes, about 14 s
 def test_train_py_runs_a_gan_and_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     done = run_script("train.py", "experiment=dcgan_mnist", "debug=fdr", *TINY[1:8], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

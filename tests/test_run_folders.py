@@ -143,6 +143,7 @@ def test_an_unusable_log_dir_gets_one_line(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow  # a torchrun process pair, about 12 s
 def test_torchrun_ranks_share_rank_0s_folder(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
     result = subprocess.run(

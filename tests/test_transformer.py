@@ -357,6 +357,7 @@ def test_sample_mode_continues_a_prompt_and_refuses_bad_prompts(train_config, co
         run("prompt=Zebra")
 
 
+@pytest.mark.slow  # train.py processes, about 15 s
 def test_train_py_runs_and_bad_input_ends_in_one_line(tmp_path: Path, corpus: Path) -> None:
     ok = run_script("train.py", *TINY_LM, f"data.path={corpus}", "debug=fdr", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
