@@ -22,7 +22,42 @@ def _known(index: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch
     return safe, inside & seen[safe]
 
 
-class BiasedMF(nn.Module):
+class RatingStatistics:
+    """The training split's statistics an explicit-rating net predicts with, as buffers: part of the checkpoint, so
+    evaluation predicts what training did. `user_known`/`item_known` say which ids had training data."""
+
+    global_mean: torch.Tensor
+    item_mean: torch.Tensor
+    user_known: torch.Tensor
+    item_known: torch.Tensor
+
+    def _register_statistics(self, num_users: int, num_items: int) -> None:
+        self.register_buffer("global_mean", torch.zeros(()))
+        self.register_buffer("item_mean", torch.zeros(num_items))
+        self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
+        self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_statistics(
+        self,
+        global_mean: float,
+        item_mean: torch.Tensor | None = None,
+        user_known: torch.Tensor | None = None,
+        item_known: torch.Tensor | None = None,
+    ) -> None:
+        self.global_mean.fill_(global_mean)
+        self.item_mean.copy_(item_mean if item_mean is not None else torch.full_like(self.item_mean, global_mean))
+        if user_known is not None:
+            self.user_known.copy_(user_known)
+        if item_known is not None:
+            self.item_known.copy_(item_known)
+
+    def known(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which users and items of a batch had training data."""
+        return _known(users, self.user_known)[1], _known(items, self.item_known)[1]
+
+
+class BiasedMF(RatingStatistics, nn.Module):
     """Explicit-rating MF (Koren et al., 2009): r(u, i) = offset + b_u + b_i + <p_u, q_i>.
 
     The offset is the training mean, or with `mean_normalization` the item's training mean, so that a
@@ -52,34 +87,11 @@ class BiasedMF(nn.Module):
         nn.init.normal_(self.item_factors.weight, std=init_std)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
-        # statistics of the training split: part of the checkpoint, so evaluation predicts what training did
-        self.register_buffer("global_mean", torch.zeros(()))
-        self.register_buffer("item_mean", torch.zeros(num_items))
-        self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
-        self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
-
-    @torch.no_grad()
-    def set_statistics(
-        self,
-        global_mean: float,
-        item_mean: torch.Tensor | None = None,
-        user_known: torch.Tensor | None = None,
-        item_known: torch.Tensor | None = None,
-    ) -> None:
-        self.global_mean.fill_(global_mean)
-        self.item_mean.copy_(item_mean if item_mean is not None else torch.full_like(self.item_mean, global_mean))
-        if user_known is not None:
-            self.user_known.copy_(user_known)
-        if item_known is not None:
-            self.item_known.copy_(item_known)
+        self._register_statistics(num_users, num_items)
 
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
         """The users' factor rows (SVD++ adds what their rated items say of them)."""
         return self.user_factors(users)
-
-    def known(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which users and items of a batch had training data."""
-        return _known(users, self.user_known)[1], _known(items, self.item_known)[1]
 
     def _offset(self, items: torch.Tensor, item_ok: torch.Tensor) -> torch.Tensor:
         if not self.mean_normalization:
@@ -244,7 +256,7 @@ class _SampledDots(torch.autograd.Function):
         return ctx.pattern.times(grad, right), ctx.pattern.transposed_times(grad, left), None
 
 
-class AutoRec(nn.Module):
+class AutoRec(RatingStatistics, nn.Module):
     """I-AutoRec (Sedhain et al., 2015): each item is its column of training ratings (one entry per user, empty
     where unrated), encoded to `hidden` sigmoid units and decoded back to a rating for every user:
     r(u, i) = W_u . sigmoid(V r_i + mu) + b_u. The squared error counts observed entries only, so the network learns
@@ -263,18 +275,12 @@ class AutoRec(nn.Module):
         self.encoder_bias = nn.Parameter(torch.zeros(hidden))
         self.decoder = nn.Parameter(torch.randn(num_users, hidden) * hidden**-0.5)
         self.decoder_bias = nn.Parameter(torch.zeros(num_users))
-        self.register_buffer("global_mean", torch.zeros(()))
-        self.register_buffer("item_mean", torch.zeros(num_items))
-        self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
-        self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
+        self._register_statistics(num_users, num_items)
         # the training ratings as (item, user, rating) sorted by item: the encoder's input columns
         self.register_buffer("input_items", torch.zeros(0, dtype=torch.long))
         self.register_buffer("input_users", torch.zeros(0, dtype=torch.long))
         self.register_buffer("input_ratings", torch.zeros(0))
         self._inputs: SparsePattern | None = None
-
-    set_statistics = BiasedMF.set_statistics
-    known = BiasedMF.known
 
     @torch.no_grad()
     def set_ratings(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> None:
