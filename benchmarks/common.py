@@ -94,7 +94,8 @@ def table(rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> str:
 
 
 def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """A GAN run's scores for real test images (two halves against each other) and for uniform noise.
+    """A GAN run's scores for real test images (two halves against each other), for the second half blurred, and for
+    uniform noise.
 
     They bound what a generator's figures can mean: real vs real is the floor for this many samples, noise the
     ceiling. The scoring classifier is trained and cached here, before any run starts, so that parallel runs load
@@ -104,7 +105,7 @@ def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
     from hydra.utils import instantiate
 
     from zoo.metrics.generative import generative_scores
-    from zoo.metrics.scorer import load_or_train_scorer
+    from zoo.metrics.scorer import REPORTED_BLUR_SIGMA, gaussian_blur, load_or_train_scorer
 
     data = instantiate(cfg.data)
     data.setup("test")
@@ -113,11 +114,17 @@ def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
     features, _ = scorer(real[0::2])
     noise = torch.rand(real[1::2].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     other_half, other_probs = scorer(real[1::2])
+    sigma = torch.full((len(real[1::2]),), REPORTED_BLUR_SIGMA)
+    blurred_features, blurred_probs = scorer(gaussian_blur(real[1::2], sigma))
+    blurred = f"real, blurred (sigma {REPORTED_BLUR_SIGMA:g})"
     scores = {
         "real vs real": generative_scores(features, other_half, other_probs),
+        blurred: generative_scores(features, blurred_features, blurred_probs),
         "uniform noise": generative_scores(features, *scorer(noise)),
     }
-    # a conditional generator's ceiling: the scorer's accuracy on real images (noise: one class in ten, by chance)
+    # a conditional generator's ceiling: the scorer's accuracy on real images (noise: one class in ten, by chance);
+    # on blurred ones it shows how far soft strokes alone move every score
     scores["real vs real"]["conditional_acc"] = float((other_probs.argmax(1) == labels[1::2]).float().mean())
+    scores[blurred]["conditional_acc"] = float((blurred_probs.argmax(1) == labels[1::2]).float().mean())
     scores["uniform noise"]["conditional_acc"] = 1.0 / data.num_classes
     return scores

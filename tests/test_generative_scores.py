@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from zoo.metrics.generative import fid_interval, frechet_distance, generative_scores, precision_recall
+from zoo.metrics.scorer import augment, gaussian_blur, shift
 
 
 def test_precision_and_recall_on_a_case_worked_by_hand() -> None:
@@ -70,3 +71,29 @@ def test_generative_scores_carry_precision_and_recall() -> None:
     scores = generative_scores(real, fake, probs)
     assert {"fid", "precision", "recall", "coverage", "kl_uniform", "confidence"} <= set(scores)
     assert 0 < scores["precision"] <= 1 and 0 < scores["recall"] <= 1
+
+
+def test_the_scorers_blur_matches_a_gaussian_worked_by_hand_and_sigma_zero_changes_nothing() -> None:
+    images = torch.zeros(2, 1, 9, 9)
+    images[:, 0, 4, 4] = 1.0  # one bright pixel in the middle: the blur draws its kernel
+    blurred = gaussian_blur(images, torch.tensor([1.0, 0.0]))
+    weights = np.exp(-0.5 * np.arange(-3, 4) ** 2)
+    weights /= weights.sum()
+    expected = np.zeros((9, 9))
+    expected[1:8, 1:8] = np.outer(weights, weights)
+    np.testing.assert_allclose(blurred[0, 0].numpy(), expected, atol=1e-6)
+    assert torch.equal(blurred[1], images[1])
+    flat = torch.full((1, 3, 6, 6), 0.25)  # replicated edges: a uniform image stays uniform
+    torch.testing.assert_close(gaussian_blur(flat, torch.tensor([1.5])), flat)
+
+
+def test_the_scorers_shift_moves_each_image_by_its_own_offset() -> None:
+    images = torch.zeros(2, 2, 7, 7)
+    images[:, :, 3, 3] = 1.0
+    moved = shift(images, torch.tensor([2, -1]), torch.tensor([-3, 1]))
+    assert moved[0, :, 5, 0].tolist() == [1.0, 1.0] and moved[0].sum() == 2
+    assert moved[1, :, 2, 4].tolist() == [1.0, 1.0] and moved[1].sum() == 2
+    torch.manual_seed(0)
+    augmented = augment(images, max_shift=2, max_sigma=1.5)
+    assert augmented.shape == images.shape and not torch.equal(augmented, images)
+    assert torch.equal(augment(images, max_shift=0, max_sigma=0.0), images)

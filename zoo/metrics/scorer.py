@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,18 @@ TRAINING_SETTINGS = {
     "channels": [32, 64],
     "hidden": 128,
     "dropout": 0.3,
-    "epochs": 3,
+    "epochs": 5,
     "batch_size": 128,
     "lr": 1e-3,
     "seed": 0,
     "max_steps": None,
+    # each training image is shifted by up to this many pixels and, half of the time, blurred by a Gaussian of a
+    # standard deviation up to blur_sigma pixels: a judge of generated digits must read soft or off-centre strokes
+    "shift": 2,
+    "blur_sigma": 1.5,
 }
+# the blur at which the scorer's accuracy on real test images is reported beside its plain accuracy
+REPORTED_BLUR_SIGMA = 1.5
 
 
 class DomainScorer:
@@ -60,10 +67,16 @@ class DomainScorer:
     `pixel_range` is the range the classifier was trained on; generated images in [-1, 1] are mapped to it.
     """
 
-    def __init__(self, net: CNN, pixel_range: tuple[float, float] = (-1.0, 1.0), accuracy: float | None = None):
+    def __init__(
+        self,
+        net: CNN,
+        pixel_range: tuple[float, float] = (-1.0, 1.0),
+        accuracy: float | None = None,
+        blur_accuracy: float | None = None,
+    ):
         self.net = net.eval()
         self.net.requires_grad_(False)
-        self.pixel_range, self.accuracy = pixel_range, accuracy
+        self.pixel_range, self.accuracy, self.blur_accuracy = pixel_range, accuracy, blur_accuracy
 
     def to(self, device: torch.device) -> DomainScorer:
         self.net.to(device)
@@ -167,9 +180,15 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
         net = CNN(**kwargs).to(device)
         steps = _fit_classifier(net, x.to(device), y.to(device), spec, max_steps)
     net.eval()
-    with torch.no_grad():
-        accuracy = float((net(x_val.to(device)).argmax(1) == y_val.to(device)).float().mean())
-    log.info("scoring classifier: %d steps, validation accuracy %.4f", steps, accuracy)
+    held_out = datamodule.splits.get("test", (x_val, y_val))[:2]  # reported, never used to choose anything
+    accuracy, blur_accuracy = (_accuracy(net, held_out[0].to(device), held_out[1].to(device), s) for s in (0, 1))
+    log.info(
+        "scoring classifier: %d steps, accuracy on held-out images %.4f, blurred (sigma %g) %.4f",
+        steps,
+        accuracy,
+        REPORTED_BLUR_SIGMA,
+        blur_accuracy,
+    )
     if cache and path is not None:
         state = {k: v.cpu() for k, v in net.state_dict().items()}
         scorer = {
@@ -177,6 +196,7 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
             "net": kwargs,
             "state_dict": state,
             "accuracy": accuracy,
+            "blur_accuracy": blur_accuracy,
             "data": data,
             "key": json.dumps(key, sort_keys=True),
         }
@@ -184,7 +204,53 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
         torch.save(scorer, buffer)
         atomic_write_bytes(path, buffer.getvalue())
         log.info("scoring classifier cached at %s (sha256 %s)", path, short_digest(buffer.getvalue()))
-    return DomainScorer(net, (-1.0, 1.0), accuracy)
+    return DomainScorer(net, (-1.0, 1.0), accuracy, blur_accuracy)
+
+
+@torch.no_grad()
+def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, blurred: int) -> float:
+    """The share of images classified right, plain or (blurred=1) blurred by REPORTED_BLUR_SIGMA."""
+    if blurred:
+        x = gaussian_blur(x, torch.full((len(x),), REPORTED_BLUR_SIGMA, device=x.device))
+    return float(torch.cat([net(part).argmax(1) for part in x.split(1024)]).eq(y).float().mean())
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each image blurred by a Gaussian of its own standard deviation (pixels; 0 leaves it as it is), edges
+    replicated. Separable: one grouped convolution along the rows, one along the columns."""
+    batch, channels, height, width = images.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    spread = sigma.to(images.dtype).clamp_min(1e-6)[:, None]
+    kernel = torch.exp(-0.5 * (offsets[None, :] / spread) ** 2)
+    kernel = torch.where(sigma[:, None] > 0, kernel, (offsets[None, :] == 0).to(images.dtype))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # (B * C, K)
+    flat = images.reshape(1, batch * channels, height, width)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=len(kernel))
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel[:, None, :, None], groups=len(kernel))
+    return flat.reshape(batch, channels, height, width)
+
+
+def shift(images: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Each image moved by its own whole number of pixels down (rows) and right (columns), edges replicated."""
+    batch, _, height, width = images.shape
+    source_rows = (torch.arange(height, device=images.device)[None, :] - rows[:, None]).clamp(0, height - 1)
+    source_columns = (torch.arange(width, device=images.device)[None, :] - columns[:, None]).clamp(0, width - 1)
+    index = torch.arange(batch, device=images.device)[:, None, None]
+    return images.permute(0, 2, 3, 1)[index, source_rows[:, :, None], source_columns[:, None, :]].permute(0, 3, 1, 2)
+
+
+def augment(images: torch.Tensor, max_shift: int, max_sigma: float) -> torch.Tensor:
+    """Random shifts of up to max_shift pixels each way, and for half of the images a blur of sigma up to
+    max_sigma: drawn from torch's generator, which the caller seeds."""
+    batch, device = len(images), images.device
+    if max_shift > 0:
+        rows, columns = torch.randint(-max_shift, max_shift + 1, (2, batch), device=device)
+        images = shift(images, rows, columns)
+    if max_sigma > 0:
+        sigma = torch.rand(batch, device=device) * max_sigma * (torch.rand(batch, device=device) < 0.5)
+        images = gaussian_blur(images, sigma)
+    return images
 
 
 def short_digest(raw: bytes) -> str:
@@ -224,7 +290,7 @@ def load_scorer(
             )
         net = CNN(**checkpoint["net"])
         net.load_state_dict(checkpoint["state_dict"])
-        return DomainScorer(net.to(device), (-1.0, 1.0), checkpoint.get("accuracy"))
+        return DomainScorer(net.to(device), (-1.0, 1.0), checkpoint.get("accuracy"), checkpoint.get("blur_accuracy"))
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:  # a zoo classification run
         from hydra.utils import instantiate
 
@@ -246,8 +312,11 @@ def load_scorer(
 
 
 def _fit_classifier(net: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Mapping[str, Any], max_steps: Any) -> int:
-    """Adam on cross-entropy for `spec.epochs` shuffled epochs (or `max_steps`); returns the steps taken."""
+    """Adam on cross-entropy for `spec.epochs` shuffled epochs (or `max_steps`) of augmented images (`augment`);
+    returns the steps taken."""
     epochs = int(spec.get("epochs", TRAINING_SETTINGS["epochs"]))
+    max_shift = int(spec.get("shift", TRAINING_SETTINGS["shift"]))
+    max_sigma = float(spec.get("blur_sigma", TRAINING_SETTINGS["blur_sigma"]))
     batch_size = int(spec.get("batch_size", TRAINING_SETTINGS["batch_size"]))
     optimizer = torch.optim.Adam(net.parameters(), lr=float(spec.get("lr", TRAINING_SETTINGS["lr"])))
     steps = 0
@@ -255,7 +324,7 @@ def _fit_classifier(net: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Mapp
         order = torch.randperm(len(x), device=x.device)
         for start in range(0, len(x), batch_size):
             index = order[start : start + batch_size]
-            loss = F.cross_entropy(net(x[index]), y[index])
+            loss = F.cross_entropy(net(augment(x[index], max_shift, max_sigma)), y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
