@@ -34,6 +34,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,22 @@ class TrainingClock:
     def reset(self, learning_starts: int) -> None:
         self.seconds, self.steps, self.learning_starts = 0.0, 0, learning_starts
         self.free_seconds, self.free_steps = math.nan, 0
+        self._free = (math.nan, 0)  # time and steps at the end of the last iteration without a gradient step
         self.val_returns: list[float] = []  # each evaluation's val/return: how a recipe is chosen, never test/return
 
     def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
         self._start, self._steps, self._validating = time.perf_counter(), module.env_steps, 0.0
 
     def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
-        if math.isnan(self.free_seconds) and module.env_steps >= self.learning_starts:
-            self.free_seconds = self.seconds + time.perf_counter() - self._start - self._validating
-            self.free_steps = self.steps + module.env_steps - self._steps
+        """The learning-free phase ends with the last iteration before the one whose round took the first gradient
+        step: that iteration's time is mostly learning, which the plain loop's learning-free clock leaves out too."""
+        if not math.isnan(self.free_seconds):
+            return
+        elapsed = self.seconds + time.perf_counter() - self._start - self._validating
+        if module.updates == 0:
+            self._free = (elapsed, self.steps + module.env_steps - self._steps)
+        else:
+            self.free_seconds, self.free_steps = self._free
 
     def on_validation_start(self, trainer: Any, module: Any) -> None:
         self._validation_start = time.perf_counter()
@@ -123,19 +131,22 @@ def run_zoo(experiment: str, seed: int, output_dir: Path, extra: list[str]) -> d
 
 
 def plain_dqn(cfg: DictConfig, total_steps: int) -> tuple[float, float]:
-    """A single-file DQN loop with the config's network and settings (one-step targets, one environment).
+    """A single-file DQN loop with the config's network and settings on one environment: double DQN, n-step returns,
+    Huber loss, gradient clipping, soft or hard target updates and the linear learning-rate decay where the config
+    asks for them (no prioritized replay).
 
     Returns environment steps per second before learning starts and over the whole run.
     """
     import gymnasium as gym
+    import numpy as np
     import torch
     from torch.nn import functional as F
 
     from zoo.nn.dqn import QNetwork
 
     m = cfg.model
-    if m.n_step != 1 or cfg.data.num_envs != 1:
-        raise SystemExit("the plain loop does one-step targets on one environment: use experiment=dqn_cartpole_cleanrl")
+    if cfg.data.num_envs != 1 or m.prioritized:
+        raise SystemExit("the plain loop runs one environment with uniform replay: set data.num_envs=1, no PER")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     env = gym.make(cfg.data.env_id)
@@ -150,6 +161,7 @@ def plain_dqn(cfg: DictConfig, total_steps: int) -> tuple[float, float]:
     obs_np, next_np, act_np, rew_np, disc_np = (b.numpy() for b in (obs_buf, next_buf, act_buf, rew_buf, disc_buf))
     size = position = 0
     decay = m.exploration_fraction * total_steps
+    pending: deque[tuple[np.ndarray, int, float]] = deque()  # the last n steps, for n-step returns
     obs, _ = env.reset(seed=cfg.seed)
     started = time.perf_counter()
     free_seconds = math.nan
@@ -161,14 +173,21 @@ def plain_dqn(cfg: DictConfig, total_steps: int) -> tuple[float, float]:
             with torch.inference_mode():
                 action = int(q(torch.from_numpy(obs)[None]).argmax(dim=1))
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        obs_np[position], next_np[position], act_np[position] = obs, next_obs, action
-        rew_np[position], disc_np[position] = reward, 0.0 if terminated else m.gamma
-        position, size = (position + 1) % capacity, min(size + 1, capacity)
+        pending.append((obs, action, float(reward)))
+        # store the oldest step once it has n rewards after it, and every pending one at an episode's end
+        while pending and (terminated or truncated or len(pending) == m.n_step):
+            n_return = sum(m.gamma**k * r for k, (_, _, r) in enumerate(pending))
+            first_obs, first_action, _ = pending.popleft()
+            obs_np[position], next_np[position], act_np[position] = first_obs, next_obs, first_action
+            rew_np[position], disc_np[position] = n_return, 0.0 if terminated else m.gamma ** (len(pending) + 1)
+            position, size = (position + 1) % capacity, min(size + 1, capacity)
         obs = env.reset()[0] if terminated or truncated else next_obs
         done = step + 1
         if done == m.learning_starts:
             free_seconds = time.perf_counter() - started
         if done >= m.learning_starts and done % m.train_frequency == 0:
+            for group in optimizer.param_groups:  # linear from lr at step 0 to lr * lr_end_factor at the last
+                group["lr"] = cfg.optimizer.lr * (1.0 - (1.0 - m.lr_end_factor) * done / total_steps)
             for _ in range(m.gradient_steps):
                 index = torch.randint(size, (m.batch_size,))
                 next_observations = next_buf[index]

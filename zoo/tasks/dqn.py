@@ -617,6 +617,9 @@ class DQNTask(L.LightningModule):
         random_actions = torch.randint(self.data.num_actions, (count, self.num_envs), generator=self.generator)
         random_actions = random_actions.numpy()
         net, device, steps = self.net, self.device, self.env_steps  # a local counter: no Module.__setattr__ per step
+        # n-step rows are stored together after the steps (nothing samples the buffer in between): one write, not one
+        # per row
+        n_step_rows: list[tuple[np.ndarray, int, float, np.ndarray, float]] = []
         for k in range(count):
             explore = draws[k] < self.epsilon(steps)
             actions = random_actions[k]
@@ -631,12 +634,10 @@ class DQNTask(L.LightningModule):
                 self.buffer.add_arrays(observations, actions, rewards, next_observations, discounts)
             else:
                 for i, queue in enumerate(env["queues"]):
-                    for row in queue.push(
+                    n_step_rows += queue.push(
                         observations[i].copy(), int(actions[i]), float(rewards[i]), next_observations[i].copy(),
                         bool(terminated[i]), bool(truncated[i]),
-                    ):  # fmt: skip
-                        o, a, r, n, d = row
-                        self.buffer.add_arrays(o[None], np.array([a]), np.array([r]), n[None], np.array([d]))
+                    )  # fmt: skip
             steps += self.num_envs
             env["returns"] += rewards
             env["lengths"] += 1
@@ -650,6 +651,9 @@ class DQNTask(L.LightningModule):
                     env["seeds"][i] = self._start_episode()
                     env["returns"][i], env["lengths"][i], env["actions"][i] = 0.0, 0, []
                     observations[i] = subs[i].reset(seed=env["seeds"][i])[0]
+        if n_step_rows:
+            o, a, r, n, d = zip(*n_step_rows)
+            self.buffer.add_arrays(np.stack(o), np.array(a), np.array(r), np.stack(n), np.array(d))
         self.env_steps = steps
 
     # ----- learning ---------------------------------------------------------------------------------------
