@@ -94,12 +94,13 @@ def table(rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> str:
 
 
 def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """A GAN run's scores for real test images (two halves against each other), for the second half blurred, and for
-    uniform noise.
+    """The scores of real images, of blurred real images and of uniform noise against all real test images, each
+    with as many images as a run scores samples (model.score_samples).
 
-    They bound what a generator's figures can mean: real vs real is the floor for this many samples, noise the
-    ceiling. The scoring classifier is trained and cached here, before any run starts, so that parallel runs load
-    it instead of racing to train it.
+    They bound what a generator's figures can mean: real training images against the test images are the floor for
+    this many samples (the same draw as a run's test/fid_real_floor), noise the ceiling, and blurred real images show
+    how far soft strokes alone move every score. The scoring classifier is trained and cached here, before any run
+    starts, so that parallel runs load it instead of racing to train it.
     """
     import torch
     from hydra.utils import instantiate
@@ -110,21 +111,24 @@ def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
     data = instantiate(cfg.data)
     data.setup("test")
     scorer = load_or_train_scorer(cfg.model.scorer, data, torch.device("cpu"), cache=True)
-    real, labels = data.splits["test"][:2]
-    features, _ = scorer(real[0::2])
-    noise = torch.rand(real[1::2].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    other_half, other_probs = scorer(real[1::2])
-    sigma = torch.full((len(real[1::2]),), REPORTED_BLUR_SIGMA)
-    blurred_features, blurred_probs = scorer(gaussian_blur(real[1::2], sigma))
-    blurred = f"real, blurred (sigma {REPORTED_BLUR_SIGMA:g})"
+    test_images, test_labels = data.splits["test"][:2]
+    train_images = data.splits["train"][0]
+    count = int(cfg.model.get("score_samples", len(test_images)))
+    rows = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:count]
+    real = train_images[rows]
+    test_features, test_probs = scorer(test_images)
+    sigma = REPORTED_BLUR_SIGMA
+    noise = torch.rand(real.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    blurred = f"real, blurred (sigma {sigma:g})"
     scores = {
-        "real vs real": generative_scores(features, other_half, other_probs),
-        blurred: generative_scores(features, blurred_features, blurred_probs),
-        "uniform noise": generative_scores(features, *scorer(noise)),
+        "real vs real": generative_scores(test_features, *scorer(real)),
+        blurred: generative_scores(test_features, *scorer(gaussian_blur(real, torch.full((len(real),), sigma)))),
+        "uniform noise": generative_scores(test_features, *scorer(noise)),
     }
-    # a conditional generator's ceiling: the scorer's accuracy on real images (noise: one class in ten, by chance);
-    # on blurred ones it shows how far soft strokes alone move every score
-    scores["real vs real"]["conditional_acc"] = float((other_probs.argmax(1) == labels[1::2]).float().mean())
-    scores[blurred]["conditional_acc"] = float((blurred_probs.argmax(1) == labels[1::2]).float().mean())
+    # a conditional generator's ceiling: the scorer's accuracy on the real test images, plain and blurred (noise: one
+    # class in ten, by chance)
+    blurred_test = gaussian_blur(test_images, torch.full((len(test_images),), sigma))
+    scores["real vs real"]["conditional_acc"] = float((test_probs.argmax(1) == test_labels).float().mean())
+    scores[blurred]["conditional_acc"] = float((scorer(blurred_test)[1].argmax(1) == test_labels).float().mean())
     scores["uniform noise"]["conditional_acc"] = 1.0 / data.num_classes
     return scores

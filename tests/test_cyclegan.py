@@ -306,7 +306,9 @@ def test_evaluate_reproduces_test_metrics_and_translate_writes_images(train_conf
     train(cfg)
     logged = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     names = [
-        f"test/{n}" for n in ("cycle_l1_aba", "cycle_l1_bab", "label_keep_ab", "label_keep_ba", "fid_ab", "fid_ba")
+        f"test/{n}"
+        for n in ("cycle_l1_aba", "cycle_l1_bab", "label_keep_ab", "label_keep_ba", "fid_ab", "fid_ba")
+        + ("label_keep_real", "label_keep_real_blurred")  # the judges on real digits: the baseline beside label_keep
     ]
     assert set(names) <= set(logged) and all(math.isfinite(logged[n]) for n in names)
     ckpt = next((Path(cfg.paths.output_dir) / "checkpoints").glob("epoch_*.ckpt"))

@@ -456,6 +456,7 @@ def test_evaluate_reproduces_the_test_scores_of_training(train_config, tmp_path:
     eval_cfg = compose_config("eval", [f"ckpt_path={ckpt}", "extras.print_config=false"], tmp_path)
     eval_cfg.paths.output_dir = str(tmp_path / "eval")
     scored = evaluate(eval_cfg)
+    assert logged["test/samples"] == 2000  # the 1,000 test images' own samples, then as many more
     for name in ("test/fid", "test/inception_score", "test/coverage", "test/kl_uniform", "test/fid_real_floor"):
         assert scored[name] == pytest.approx(logged[name], rel=1e-5), name
 

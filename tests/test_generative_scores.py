@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from zoo.metrics.generative import fid_interval, frechet_distance, generative_scores, precision_recall
-from zoo.metrics.scorer import augment, gaussian_blur, shift
+from zoo.metrics.scorer import augment, gaussian_blur, real_floor, shift
 
 
 def test_precision_and_recall_on_a_case_worked_by_hand() -> None:
@@ -97,3 +99,26 @@ def test_the_scorers_shift_moves_each_image_by_its_own_offset() -> None:
     augmented = augment(images, max_shift=2, max_sigma=1.5)
     assert augmented.shape == images.shape and not torch.equal(augmented, images)
     assert torch.equal(augment(images, max_shift=0, max_sigma=0.0), images)
+
+
+def test_the_fid_floor_scores_as_many_real_training_images_as_samples() -> None:
+    class FlatScorer:
+        """Features are the pixels; counts the images it is shown."""
+
+        net = torch.nn.Linear(1, 1)
+        shown = 0
+
+        def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+            self.shown += len(images)
+            return images.flatten(1), None
+
+    train_images = torch.randn(3000, 1, 2, 2)
+    real = torch.randn(400, 4) + 0.5
+    scorer = FlatScorer()
+    floor = real_floor(scorer, SimpleNamespace(splits={"train": (train_images, None)}), real, 2000)
+    rows = torch.randperm(3000, generator=torch.Generator().manual_seed(0))[:2000]
+    assert scorer.shown == 2000
+    assert floor == pytest.approx(frechet_distance(real, train_images[rows].flatten(1)), rel=1e-9)
+    # without a training split in memory: the two halves of the test images
+    halves = real_floor(scorer, SimpleNamespace(), real, 2000)
+    assert halves == pytest.approx(frechet_distance(real[0::2], real[1::2]), rel=1e-9)

@@ -208,6 +208,24 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
 
 
 @torch.no_grad()
+def real_floor(scorer: DomainScorer, datamodule: Any, real_features: torch.Tensor, count: int, seed: int = 0) -> float:
+    """The domain FID of `count` real training images (a fixed random draw) against the test images' features: what a
+    perfect generator would score with as many samples as the generated ones. Where the data keeps no training split
+    in memory, the two halves of the test images against each other (a floor at half the count)."""
+    from zoo.metrics.generative import frechet_distance
+
+    splits = getattr(datamodule, "splits", None)
+    train = splits.get("train") if isinstance(splits, Mapping) else None
+    if train is None:
+        return frechet_distance(real_features[0::2], real_features[1::2])
+    images = train[0]
+    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    device = next(scorer.net.parameters()).device
+    features = torch.cat([scorer(images[part].to(device))[0] for part in rows.split(500)])
+    return frechet_distance(real_features, features)
+
+
+@torch.no_grad()
 def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, blurred: int) -> float:
     """The share of images classified right, plain or (blurred=1) blurred by REPORTED_BLUR_SIGMA."""
     if blurred:

@@ -29,7 +29,7 @@ from torchmetrics import MeanMetric, MinMetric
 from zoo.errors import UserError
 from zoo.internals import grad_scaler
 from zoo.metrics.generative import frechet_distance
-from zoo.metrics.scorer import DomainScorer, load_or_train_scorer
+from zoo.metrics.scorer import REPORTED_BLUR_SIGMA, DomainScorer, gaussian_blur, load_or_train_scorer
 from zoo.tasks import figures
 from zoo.tasks.adversarial import (
     check_finite,
@@ -358,7 +358,8 @@ class CycleGANTask(L.LightningModule):
     # ---- scoring -----------------------------------------------------------------------------------------------
 
     def _start_scoring(self) -> None:
-        self._scored = {key: [] for key in ("l1_aba", "l1_bab", "keep_ab", "keep_ba", "ab", "ba", "real_a", "real_b")}
+        keys = ("l1_aba", "l1_bab", "keep_ab", "keep_ba", "ab", "ba", "real_a", "real_b", "keep_real", "keep_blurred")
+        self._scored = {key: [] for key in keys}
         for scorer in self.scorers.values():
             scorer.to(self.device)
 
@@ -378,8 +379,14 @@ class CycleGANTask(L.LightningModule):
         self._scored["keep_ba"].append((probs_ba.argmax(1) == label_b).float())
         self._scored["ab"].append(features_ab)
         self._scored["ba"].append(features_ba)
-        self._scored["real_b"].append(self.scorers["B"](real_b)[0])
-        self._scored["real_a"].append(self.scorers["A"](real_a)[0])
+        for domain, real, label in (("A", real_a, label_a), ("B", real_b, label_b)):
+            features, probs = self.scorers[domain](real)
+            self._scored[f"real_{domain.lower()}"].append(features)
+            # the judges' own accuracy on real digits, plain and blurred: how much a soft stroke alone costs a label
+            self._scored["keep_real"].append((probs.argmax(1) == label).float())
+            sigma = torch.full((len(real),), REPORTED_BLUR_SIGMA, device=real.device)
+            blurred = self.scorers[domain](gaussian_blur(real.float(), sigma))[1]
+            self._scored["keep_blurred"].append((blurred.argmax(1) == label).float())
 
     def _scores(self) -> dict[str, float]:
         got = {k: torch.cat(v) for k, v in self._scored.items() if v}
@@ -392,6 +399,8 @@ class CycleGANTask(L.LightningModule):
             scores["label_keep_ab"] = float(got["keep_ab"].mean())
             scores["label_keep_ba"] = float(got["keep_ba"].mean())
             scores["label_keep_min"] = min(scores["label_keep_ab"], scores["label_keep_ba"])
+            scores["label_keep_real"] = float(got["keep_real"].mean())
+            scores["label_keep_real_blurred"] = float(got["keep_blurred"].mean())
             scores["fid_ab"] = frechet_distance(got["real_b"], got["ab"])
             scores["fid_ba"] = frechet_distance(got["real_a"], got["ba"])
             scores["fid"] = (scores["fid_ab"] + scores["fid_ba"]) / 2

@@ -118,6 +118,7 @@ class GANTask(AdversarialTask):
         monitor: str = "val/fid",
         critic_warmup: bool = False,
         ema_bn_batches: int = 16,
+        score_samples: int = 2000,
     ) -> None:
         if loss not in LOSSES:
             raise UserError(f"model.loss: unknown '{loss}'; allowed: {', '.join(LOSSES)}")
@@ -145,6 +146,7 @@ class GANTask(AdversarialTask):
             scheduler=scheduler,
             monitor=monitor,
             ema_bn_batches=ema_bn_batches,
+            score_samples=score_samples,
         )
         self.loss_kind, self.n_critic, self.clip_value = loss, n_critic, clip_value
         self.critic_schedule = CriticSchedule(n_critic, critic_warmup)

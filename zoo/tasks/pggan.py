@@ -195,6 +195,7 @@ class PGGANTask(AdversarialTask):
         scheduler: Callable[..., Any] | None = None,
         monitor: str = "val/fid",
         reset_optimizer_per_phase: bool = False,
+        score_samples: int = 2000,
     ) -> None:
         super().__init__(
             generator,
@@ -213,6 +214,7 @@ class PGGANTask(AdversarialTask):
             optimizer=optimizer,
             scheduler=scheduler,
             monitor=monitor,
+            score_samples=score_samples,
         )
         check_resolutions(resolutions, getattr(generator, "final_resolution", None))
         self.schedule = GrowthSchedule(list(resolutions), images_per_phase, batch_sizes)
@@ -383,25 +385,16 @@ class PGGANTask(AdversarialTask):
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.generate(z.to(self.device), ema=True)  # unconditional: run_eval_mode refuses a label
 
-    def _score_batch(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Scores the EMA generator at the final resolution, so that no checkpoint from before the network has
-        grown to full size can be the best one; the current resolution's FID (`fid_current_res`) shows progress."""
-        if self.scorer is None:
-            return
-        z = torch.randn(len(real), self.latent_dim, generator=self._eval_noise).to(real.device)
-        fake = self.generate(z, ema=True, final=True)
-        real_features, _ = self.scorer(real)
-        fake_features, fake_probs = self.scorer(fake)
-        self._scored["real"].append(real_features)
-        self._scored["fake"].append(fake_features)
-        self._scored["probs"].append(fake_probs)
-        if self.trained_phase.resolution != self.schedule.final_resolution:
+    def _fakes_to_score(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The EMA generator at the final resolution, so that no checkpoint from before the network has grown to full
+        size can be the best one; the current resolution's FID (`fid_current_res`) shows progress."""
+        return self.generate(z, ema=True, final=True)
+
+    def _score_batch(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        z = super()._score_batch(real, labels)
+        if z is not None and self.trained_phase.resolution != self.schedule.final_resolution:
             self._scored.setdefault("fake_current", []).append(self.scorer(self.generate(z, ema=True))[0])
-        if self.inception is not None:
-            to_rgb = lambda x: ((x.float() + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1)  # noqa: E731
-            self.inception["fid"].update(to_rgb(real), real=True)
-            self.inception["fid"].update(to_rgb(fake), real=False)
-            self.inception["is"].update(to_rgb(fake))
+        return z
 
     def on_validation_epoch_end(self) -> None:
         if self._scored.get("real"):
