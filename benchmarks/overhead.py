@@ -95,6 +95,9 @@ def cases(resnet_samples: int) -> dict[str, Case]:
             0.9,
             5,
         ),
+        "transformer": Case(
+            "Transformer encoder (transformer_mnist1d), MNIST-1D, batch 100", ["experiment=transformer_mnist1d"], 0.9, 3
+        ),
         "resnet": Case(
             "ResNet-20, random 3x32x32, batch 128",
             ["model=resnet", "data=cifar10"],
@@ -407,7 +410,7 @@ def main() -> None:
         "--epochs", type=int, default=None, help="timed epochs per run (default: mlp 30, cnn 5, resnet 2)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="plain/zoo alternations per case; the best counts")
-    parser.add_argument("--cases", default="mlp,cnn,resnet", help="comma-separated: mlp, cnn, resnet")
+    parser.add_argument("--cases", default="mlp,cnn,resnet", help="comma-separated: mlp, cnn, transformer, resnet")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides")
     parser.add_argument("--resnet-samples", type=int, default=1920, help="random CIFAR pool; 80%% of it trains")
