@@ -261,6 +261,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(tmp_path: Path, args: list[str]
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # subprocesses of train.py and evaluate.py, 30-50 s
 def test_bad_evaluate_input_gets_one_line(train_config, tmp_path: Path) -> None:
     cfg = train_config("data=breast_cancer", "model=xgboost", "model.n_estimators=5", "model.n_jobs=1", "logger=none")
     train(cfg)

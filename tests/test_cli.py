@@ -109,6 +109,7 @@ def test_bad_checkpoints_get_one_line(tmp_path: Path) -> None:
         assert expected in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # subprocesses of train.py and evaluate.py, 30-50 s
 def test_resuming_with_another_models_checkpoint_is_refused(tmp_path: Path) -> None:
     assert run_script("train.py", *SHORT, "model=logreg", cwd=tmp_path).returncode == 0
     (run,) = run_folders(tmp_path)
@@ -117,6 +118,7 @@ def test_resuming_with_another_models_checkpoint_is_refused(tmp_path: Path) -> N
     assert "was written by a different model (missing: net.layers" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # subprocesses of train.py and evaluate.py, 30-50 s
 def test_grid_sweep_runs_every_combination(tmp_path: Path) -> None:
     result = run_script(
         "train.py", "-m", *SHORT, "model=logreg", "optimizer=adam,radam", "optimizer.lr=1e-3,3e-3", cwd=tmp_path

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_script
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "callbacks.progress_bar=null"]
 
 
+@pytest.mark.slow  # subprocesses of train.py and evaluate.py, 30-50 s
 def test_training_and_evaluation_print_each_line_once(tmp_path: Path) -> None:
     trained = run_script("train.py", *SHORT, "trainer.enable_progress_bar=false", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-2000:]

@@ -506,6 +506,7 @@ def test_a_short_cartpole_run_beats_a_random_policy(train_config) -> None:
     assert train(cfg) > 60
 
 
+@pytest.mark.slow  # subprocesses of train.py and evaluate.py, 30-50 s
 def test_train_py_and_evaluate_py_as_a_user_runs_them(tmp_path: Path) -> None:
     result = run_script(
         "train.py", *TINY, "trainer.max_epochs=1", "model.gif=true", "model.gif_max_frames=5", cwd=tmp_path

@@ -493,6 +493,7 @@ def test_recommend_prints_titles_and_skips_rated_items(train_config, tmp_path: P
     assert data.num_items == 10
 
 
+@pytest.mark.slow  # subprocesses of train.py and evaluate.py, 30-50 s
 def test_evaluate_py_recommends_for_a_user(tmp_path: Path) -> None:
     write_100k(tmp_path / "ml", tiny_ratings(count=40))
     common = ["extras.print_config=false", "trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
