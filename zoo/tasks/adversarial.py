@@ -492,7 +492,8 @@ class AdversarialTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         if not self._scored.get("real"):
             return
-        self._score_more_samples()
+        if not self.trainer.fast_dev_run:  # a smoke run's half-trained scorer means nothing: no extra samples
+            self._score_more_samples()
         real, fake = torch.cat(self._scored["real"]), torch.cat(self._scored["fake"])
         floor = real_floor(self.scorer, self.trainer.datamodule, real, len(fake))
         low, high = fid_interval(real, fake)
