@@ -275,6 +275,7 @@ def test_bad_evaluate_input_gets_one_line(train_config, tmp_path: Path) -> None:
         evaluate(eval_cfg)
 
 
+@pytest.mark.slow  # subprocesses or many short runs, 25-30 s under load
 def test_optuna_search_over_cross_validated_trials(tmp_path: Path) -> None:
     result = run_script(
         "train.py",

@@ -34,6 +34,7 @@ def test_train_then_evaluate_end_to_end(tmp_path: Path) -> None:
         assert value == pytest.approx(logged[name], abs=1e-6), name
 
 
+@pytest.mark.slow  # subprocesses or many short runs, 25-30 s under load
 def test_tensorboard_gets_curves_hparams_and_figures(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -74,6 +74,7 @@ def test_a_named_sweep_folder_that_exists_is_refused_and_left_as_it_was(tmp_path
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow  # subprocesses or many short runs, 25-30 s under load
 def test_of_two_runs_racing_for_one_new_folder_exactly_one_gets_it(tmp_path: Path) -> None:
     shared = tmp_path / "shared" / "run"
     with ThreadPoolExecutor(2) as pool:

@@ -17,6 +17,7 @@ from zoo.search import prepare_storage, storage_override
 SEARCH = ["-m", "hparams_search=knn_optuna", "hydra.sweeper.n_trials=3", "cv.folds=2", "extras.print_config=false"]
 
 
+@pytest.mark.slow  # subprocesses or many short runs, 25-30 s under load
 def test_two_sweeper_processes_fill_one_study(tmp_path: Path) -> None:
     import optuna
 
