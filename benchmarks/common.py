@@ -106,7 +106,7 @@ def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
     from hydra.utils import instantiate
 
     from zoo.metrics.generative import generative_scores
-    from zoo.metrics.scorer import REPORTED_BLUR_SIGMA, gaussian_blur, load_or_train_scorer
+    from zoo.metrics.scorer import REPORTED_BLUR_SIGMA, gaussian_blur, load_or_train_scorer, training_draw
 
     data = instantiate(cfg.data)
     data.setup("test")
@@ -114,8 +114,7 @@ def real_and_noise_scores(cfg: DictConfig) -> dict[str, dict[str, float]]:
     test_images, test_labels = data.splits["test"][:2]
     train_images = data.splits["train"][0]
     count = int(cfg.model.get("score_samples", len(test_images)))
-    rows = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:count]
-    real = train_images[rows]
+    real = training_draw(train_images, count)  # the draw of a run's test/fid_real_floor
     test_features, test_probs = scorer(test_images)
     sigma = REPORTED_BLUR_SIGMA
     noise = torch.rand(real.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -218,11 +218,15 @@ def real_floor(scorer: DomainScorer, datamodule: Any, real_features: torch.Tenso
     train = splits.get("train") if isinstance(splits, Mapping) else None
     if train is None:
         return frechet_distance(real_features[0::2], real_features[1::2])
-    images = train[0]
-    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    images = training_draw(train[0], count, seed)
     device = next(scorer.net.parameters()).device
-    features = torch.cat([scorer(images[part].to(device))[0] for part in rows.split(500)])
+    features = torch.cat([scorer(part.to(device))[0] for part in images.split(500)])
     return frechet_distance(real_features, features)
+
+
+def training_draw(images: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """The fixed random draw of `count` training images (all, if fewer) that the floor and the benchmarks score."""
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]]
 
 
 @torch.no_grad()
