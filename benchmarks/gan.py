@@ -70,6 +70,8 @@ def run_one(model: str, seed: int, root: Path, overrides: list[str]) -> dict[str
     g_steps = generator_steps(cfg)
     row = {name: metrics[f"test/{name}"] for name in SCORES if f"test/{name}" in metrics}
     row["floor"] = metrics["test/fid_real_floor"]
+    row["fid_low"], row["fid_high"] = metrics["test/fid_low"], metrics["test/fid_high"]
+    row["minutes"] = seconds / 60
     row["s_per_1k_g_steps"] = 1000 * seconds / max(1, g_steps)
     row["g_steps"] = g_steps
     last = score_last_checkpoint(cfg)
@@ -179,16 +181,19 @@ def main() -> None:
         for model, seed in runs:  # in a fixed order, whichever finished first
             rows.setdefault(model, []).append(results[model, seed])
 
-    header = ["model", *SCORES, "s / 1k G steps", "G steps"]
+    header = ["model", *SCORES, "fid 95% interval", "minutes / run", "s / 1k G steps", "G steps"]
     lines = [header, ["---"] * len(header)]
     for name, scores in refs.items():
-        lines.append([name, *(f"{scores[s]:.3f}" if s in scores else "-" for s in SCORES), "", ""])
+        lines.append([name, *(f"{scores[s]:.3f}" if s in scores else "-" for s in SCORES), "", "", "", ""])
     for model, runs in rows.items():
         cells = [summary([r[s] for r in runs if s in r]) for s in SCORES]
-        lines.append([model, *cells, summary([r["s_per_1k_g_steps"] for r in runs]), str(int(runs[0]["g_steps"]))])
+        low, high = (statistics.fmean(r[bound] for r in runs) for bound in ("fid_low", "fid_high"))
+        interval = f"{low:.1f}-{high:.1f}"
+        timing = [summary([r["minutes"] for r in runs]), summary([r["s_per_1k_g_steps"] for r in runs])]
+        lines.append([model, *cells, interval, *timing, str(int(runs[0]["g_steps"]))])
         last_cells = [summary([r[f"last_{s}"] for r in runs if f"last_{s}" in r]) for s in SCORES]
-        lines.append([f"{model}, last checkpoint", *last_cells, "", ""])
-    lines.append(["target", *(TARGETS.get(s, "") for s in SCORES), "", ""])
+        lines.append([f"{model}, last checkpoint", *last_cells, "", "", "", ""])
+    lines.append(["target", *(TARGETS.get(s, "") for s in SCORES), "", "", "", ""])
     threads = f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
     print(f"\nseeds {seeds}, device {args.device}, {threads}, {args.jobs} run(s) at a time")
     print("\n".join("| " + " | ".join(line) + " |" for line in lines))
