@@ -66,6 +66,24 @@ def test_the_bootstrap_interval_holds_the_estimate_and_separates_a_real_shift() 
     assert fid_interval(real, shifted, draws=50) == (low_shift, high_shift)  # the same seed, the same interval
 
 
+def test_the_bootstrap_interval_keeps_the_spread_but_not_the_bias_of_repeated_rows() -> None:
+    generator = torch.Generator().manual_seed(4)
+    real = torch.randn(300, 32, generator=generator)
+    fake = torch.randn(300, 32, generator=generator) + 0.1
+    estimate = frechet_distance(real, fake)
+    draws = []
+    resample = torch.Generator().manual_seed(0)  # the draws fid_interval makes with its default seed
+    for _ in range(40):
+        real_rows = torch.randint(300, (300,), generator=resample)
+        fake_rows = torch.randint(300, (300,), generator=resample)
+        draws.append(frechet_distance(real[real_rows], fake[fake_rows]))
+    assert min(draws) > estimate  # every resample scores worse than the samples: a percentile interval would miss
+    low, high = fid_interval(real, fake, draws=40)
+    assert 0 <= low <= estimate <= high
+    spread = torch.tensor(draws, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert high - low == pytest.approx(float(spread[1] - spread[0]), rel=1e-9) or low == 0
+
+
 def test_generative_scores_carry_precision_and_recall() -> None:
     generator = torch.Generator().manual_seed(3)
     real, fake = torch.randn(100, 5, generator=generator), torch.randn(100, 5, generator=generator)
