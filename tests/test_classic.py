@@ -241,14 +241,27 @@ def test_neural_model_on_a_csv_is_told_its_input_shape(train_config, tmp_path: P
     ("args", "expected"),
     [
         (["data.path=missing.csv", "data.target=y"], "error: data.path: no file at 'missing.csv'"),
-        (
+        pytest.param(
             ["data.path=table.csv", "data.target=price"],
             "error: data.target: no column 'price' in table.csv; columns: x1",
+            marks=pytest.mark.slow,
         ),
-        (["data.path=table.csv", "data.target=sick", "data.task=ordinal"], "error: data.task: unknown 'ordinal'"),
+        pytest.param(
+            ["data.path=table.csv", "data.target=sick", "data.task=ordinal"],
+            "error: data.task: unknown 'ordinal'",
+            marks=pytest.mark.slow,
+        ),
         (["data=breast_cancer", "model.n_estimators=0"], "error: model.n_estimators: expected an integer >= 1, got 0"),
-        (["data=breast_cancer", "model.device=tpu"], "error: model.device: unknown 'tpu'; allowed: cpu, cuda"),
-        (["data=digits"], "error: data: boosted trees need a table, not 'DigitsDataModule'; allowed: breast_cancer"),
+        pytest.param(
+            ["data=breast_cancer", "model.device=tpu"],
+            "error: model.device: unknown 'tpu'; allowed: cpu, cuda",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["data=digits"],
+            "error: data: boosted trees need a table, not 'DigitsDataModule'; allowed: breast_cancer",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_code_2(tmp_path: Path, args: list[str], expected: str) -> None:

@@ -18,6 +18,7 @@ def run_folders(root: Path, task: str = "train") -> list[Path]:
     return sorted((root / "logs" / task / "runs").iterdir())
 
 
+@pytest.mark.slow  # train.py then evaluate.py as subprocesses, 50-70 s
 def test_train_then_evaluate_end_to_end(tmp_path: Path) -> None:
     trained = run_script("train.py", *SHORT, "model=mlp", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-2000:]
@@ -85,7 +86,7 @@ def test_new_runs_never_share_a_folder_or_touch_an_old_one(tmp_path: Path) -> No
             marks=pytest.mark.slow,
         ),
         (["ckpt_path=missing.ckpt"], "error: ckpt_path: no file at 'missing.ckpt'"),
-        (["data=mnist"], "MNIST not found in"),
+        pytest.param(["data=mnist"], "MNIST not found in", marks=pytest.mark.slow),
         (["tags=[]"], "error: tags: empty"),
     ],
 )
@@ -97,6 +98,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(tmp_path: Path, args: list[str]
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # four evaluate.py subprocesses, 20-30 s
 def test_bad_checkpoints_get_one_line(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"not a checkpoint")

@@ -18,7 +18,7 @@ OFFLINE_EXPERIMENTS = [
 ]
 # the standard-schedule GAN recipes run the same networks and losses as their CPU recipes: a batch of each is slow
 # the longest batch runs (full-size GANs with their scorers, 25-45 s under load) run with the slow tests
-SLOW_BATCH_RUNS = {"pggan_mnist", "cyclegan_digits", "cgan_mnist", "cvae_mnist"}
+SLOW_BATCH_RUNS = {"pggan_mnist", "cyclegan_digits", "cgan_mnist", "cvae_mnist", "wgan_mnist"}
 BATCH_RUNS = [
     pytest.param(e, marks=pytest.mark.slow) if e.endswith("_std_mnist") or e in SLOW_BATCH_RUNS else e
     for e in OFFLINE_EXPERIMENTS

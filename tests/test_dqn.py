@@ -348,6 +348,7 @@ def test_bad_input_is_one_clear_line(train_config, overrides: list[str], message
     assert isinstance(error, UserError) and message in str(error) and "\n" not in str(error)
 
 
+@pytest.mark.slow  # a train.py subprocess; the in-process check above is fast
 def test_unknown_environment_through_train_py(tmp_path: Path) -> None:
     result = run_script("train.py", "experiment=dqn_cartpole", "data.env_id=CartPol-v1", cwd=tmp_path)
     assert result.returncode == 2

@@ -222,11 +222,16 @@ def test_char_lm_resumes_exactly(train_config, tmp_path: Path) -> None:
     assert_same_training_state(*killed_and_resumed(train_config, tmp_path, *CHAR_LM, f"data.path={corpus}"))
 
 
+@pytest.mark.slow  # a killed train.py subprocess and its resume, about 18 s
 def test_seq2seq_resumes_exactly(train_config, tmp_path: Path) -> None:
     assert_same_training_state(*killed_and_resumed(train_config, tmp_path, *SEQ2SEQ))
 
 
-@pytest.mark.parametrize("settings", [TWO_TOWER, MF_IMPLICIT], ids=["two_tower", "mf_implicit"])
+@pytest.mark.parametrize(
+    "settings",
+    [pytest.param(TWO_TOWER, marks=pytest.mark.slow), MF_IMPLICIT],  # one sampled-negative family is enough by default
+    ids=["two_tower", "mf_implicit"],
+)
 def test_recommenders_with_sampled_negatives_resume_exactly(train_config, tmp_path: Path, settings: list[str]) -> None:
     assert_same_training_state(*killed_and_resumed(train_config, tmp_path, *settings))
 

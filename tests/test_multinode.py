@@ -83,6 +83,7 @@ def test_two_nodes_train_one_run_equal_to_one_process(tmp_path: Path) -> None:
     assert largest_difference(final_weights(tmp_path / "other"), one_process) > 1e-3
 
 
+@pytest.mark.slow  # a train.py subprocess, about 20 s
 def test_fsdp_without_a_gpu_is_one_line(tmp_path: Path) -> None:
     result = run_script(
         "train.py", "experiment=transformer_mnist1d", "trainer=ddp_sim", "trainer.strategy=fsdp", cwd=tmp_path

@@ -185,6 +185,7 @@ def test_missing_folder_is_one_line_naming_the_files(tmp_path: Path) -> None:
     assert "grouplens.org" in message
 
 
+@pytest.mark.slow  # a train.py subprocess, about 15 s
 def test_train_py_without_movielens_files_ends_in_one_line(tmp_path: Path) -> None:
     result = run_script("train.py", "experiment=mf_movielens", f"data.path={tmp_path / 'ml'}", cwd=tmp_path)
     assert result.returncode == 2

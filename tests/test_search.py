@@ -52,7 +52,11 @@ def test_two_sweeper_processes_fill_one_study(tmp_path: Path) -> None:
     ("url", "message"),
     [
         ("notaurl", "error: hydra.sweeper.storage: cannot open 'notaurl': Could not parse"),
-        ("postgresql://user@localhost/study", "error: hydra.sweeper.storage: cannot open 'postgresql://user@"),
+        pytest.param(
+            "postgresql://user@localhost/study",
+            "error: hydra.sweeper.storage: cannot open 'postgresql://user@",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_an_unusable_storage_gets_one_line(tmp_path: Path, url: str, message: str) -> None:
