@@ -62,49 +62,44 @@ def scorers(cfg: DictConfig, device: torch.device) -> tuple[object, dict[str, ob
     return data, found
 
 
-def no_translation(data: object, found: dict[str, object]) -> dict[str, float]:
-    """Scores of generators that return their input: the floor label preservation must beat to mean anything."""
+def judged(data: object, found: dict[str, object], images: dict[str, tuple]) -> dict[str, float]:
+    """Scores of fixed images, `images[domain] = (x, labels)`, handed to that domain's judge as if a generator had
+    translated into it."""
     import torch
 
     from zoo.metrics.generative import frechet_distance
 
-    a, label_a, b, label_b = (t.cpu() for t in data.splits["test"])
-    features_b_of_a, probs_b_of_a = found["B"].to(torch.device("cpu"))(a)
-    features_a_of_b, probs_a_of_b = found["A"].to(torch.device("cpu"))(b)
+    a, _, b, _ = (t.cpu() for t in data.splits["test"])
+    (into_b, labels_b), (into_a, labels_a) = images["B"], images["A"]
+    features_b, probs_b = found["B"].to(torch.device("cpu"))(into_b)
+    features_a, probs_a = found["A"].to(torch.device("cpu"))(into_a)
     return {
         "cycle_l1_aba": 0.0,
         "cycle_l1_bab": 0.0,
-        "label_keep_ab": float((probs_b_of_a.argmax(1) == label_a).float().mean()),
-        "label_keep_ba": float((probs_a_of_b.argmax(1) == label_b).float().mean()),
-        "fid_ab": frechet_distance(found["B"](b)[0], features_b_of_a),
-        "fid_ba": frechet_distance(found["A"](a)[0], features_a_of_b),
-    }
-
-
-def real_digits(data: object, found: dict[str, object], blur_sigma: float) -> dict[str, float]:
-    """What the judges make of real digits of their own domain, plain or blurred: the best label preservation a
-    translation can show, and how much a soft stroke alone costs it."""
-    import torch
-
-    from zoo.metrics.generative import frechet_distance
-    from zoo.metrics.scorer import gaussian_blur
-
-    a, label_a, b, label_b = (t.cpu() for t in data.splits["test"])
-
-    def read(domain: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if blur_sigma > 0:
-            images = gaussian_blur(images.float(), torch.full((len(images),), blur_sigma))
-        return found[domain].to(torch.device("cpu"))(images)
-
-    (features_b, probs_b), (features_a, probs_a) = read("B", b), read("A", a)
-    return {
-        "cycle_l1_aba": 0.0,
-        "cycle_l1_bab": 0.0,
-        "label_keep_ab": float((probs_b.argmax(1) == label_b).float().mean()),
-        "label_keep_ba": float((probs_a.argmax(1) == label_a).float().mean()),
+        "label_keep_ab": float((probs_b.argmax(1) == labels_b).float().mean()),
+        "label_keep_ba": float((probs_a.argmax(1) == labels_a).float().mean()),
         "fid_ab": frechet_distance(found["B"](b)[0], features_b),
         "fid_ba": frechet_distance(found["A"](a)[0], features_a),
     }
+
+
+def no_translation(data: object, found: dict[str, object]) -> dict[str, float]:
+    """Scores of generators that return their input: the floor label preservation must beat to mean anything."""
+    a, label_a, b, label_b = (t.cpu() for t in data.splits["test"])
+    return judged(data, found, {"B": (a, label_a), "A": (b, label_b)})
+
+
+def real_digits(data: object, found: dict[str, object], blur_sigma: float) -> dict[str, float]:
+    """What the judges make of real test digits of their own domain, plain or blurred: the best label preservation
+    a translation can show, and how much a soft stroke alone costs it."""
+    import torch
+
+    from zoo.metrics.scorer import gaussian_blur
+
+    a, label_a, b, label_b = (t.cpu() for t in data.splits["test"])
+    if blur_sigma > 0:
+        a, b = (gaussian_blur(x.float(), torch.full((len(x),), blur_sigma)) for x in (a, b))
+    return judged(data, found, {"B": (b, label_b), "A": (a, label_a)})
 
 
 def run_one(seed: int, root: str, overrides: list[str], threads: int | None) -> dict[str, float]:
