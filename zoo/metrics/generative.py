@@ -129,9 +129,9 @@ def fid_interval(
     """A bootstrap interval of the Fréchet distance: both sets resampled with replacement `draws` times.
 
     Why: FID has a bias and a spread that depend on the sample count; two runs whose scores differ by less than this
-    interval's width are a tie. A resample repeats about a third of its rows, which adds to the distance (at small
-    FIDs every draw can land above the estimate), so the draws are shifted to put their median on the estimate: the
-    interval keeps their spread without that added bias.
+    interval's width are a tie. A resample leaves out about a third of the rows and repeats others, which adds to
+    the distance (at small FIDs every draw can land above the estimate), so the draws are shifted to put their
+    median on the estimate: the interval keeps their spread without that added bias.
     """
     generator = torch.Generator().manual_seed(seed)
     values = []
