@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--fold-seed", type=int, default=0, help="the seed of the shuffled k-fold (data.split_seed)")
     parser.add_argument(
         "--experiment",
-        default="mf_movielens,autorec_movielens",
+        default="mf_movielens,bpmf_movielens,autorec_movielens",
         help="the zoo recipes to run on the folds, comma-separated",
     )
     parser.add_argument("--surprise", default="svd,svdpp,baseline", help="Surprise models: svd, svdpp, baseline")

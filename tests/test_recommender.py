@@ -639,7 +639,10 @@ def test_als_sweeps_never_raise_the_objective_and_reach_the_noise_floor() -> Non
     torch.manual_seed(0)
     net = BiasedMF(data.num_users, data.num_items, rank=4)
     net.set_statistics(data.global_mean)
-    groups = (ALSGroups(users, data.num_users, block_elements=512), ALSGroups(items, data.num_items))
+    groups = (
+        ALSGroups(users, data.num_users, items, data.num_items, block_elements=512),
+        ALSGroups(items, data.num_items, users, data.num_users),
+    )
     assert sum(len(m) for m, _, _ in groups[0].blocks) == data.num_users and len(groups[0].blocks) > 1
 
     def objective() -> float:
@@ -675,6 +678,8 @@ def test_als_solver_trains_through_train_py_without_an_optimizer(train_config) -
     train(cfg)
     metrics = metrics_of(cfg)
     assert metrics["test/rmse"] < 0.65 and metrics["val/rmse_best"] <= metrics["val/rmse"] + 1e-6
+    # each sweep counts as a step, so the checkpoint callbacks (which save only once the step moved) write files
+    assert checkpoint(cfg, "last.ckpt")["global_step"] == 4
 
 
 def test_count_exponent_weighs_each_rows_l2_by_its_count_to_that_power(train_config) -> None:
@@ -850,3 +855,121 @@ def test_autorec_learns_ratings_through_train_py_and_refuses_als(train_config) -
         from zoo.run import build_model
 
         build_model(train_config("model=autorec", "data=ratings_synthetic", *SMALL, "model.solver=als"))
+
+
+# ---------------------------------------------------------------- Bayesian MF (Gibbs sampling)
+
+GIBBS = ["experiment=mf_synthetic", *SMALL, "model.solver=gibbs", "data.batch_size=100000", "scheduler=none"]
+
+
+def test_conditional_rows_draw_from_the_gaussian_whose_mean_is_the_ridge_solution() -> None:
+    from zoo.nn.recommender import ALSGroups, conditional_rows
+
+    torch.manual_seed(0)
+    users = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # user 3 has no ratings
+    items = torch.tensor([0, 1, 2, 0, 3, 1, 2, 3, 0])
+    targets = torch.randn(len(users))
+    table = torch.randn(4, 3)
+    groups = ALSGroups(users, 4, items, 4)
+    mean, precision, alpha = torch.tensor([0.3, -0.2, 0.1]), torch.diag(torch.tensor([2.0, 1.0, 3.0])), 1.7
+    expected = torch.zeros(4, 3)
+    covariances = []
+    for user in range(3):
+        features, response = table[items[users == user]], targets[users == user]
+        posterior = precision + alpha * features.T @ features
+        expected[user] = torch.linalg.solve(posterior, alpha * features.T @ response + precision @ mean)
+        covariances.append(torch.linalg.inv(posterior))
+    out = torch.full((4, 3), 7.0)
+    error = conditional_rows(groups, table, targets, mean, precision, alpha, out)
+    torch.testing.assert_close(out[:3], expected[:3], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[3], torch.full((3,), 7.0))  # no ratings: the row is left alone
+    fitted = (table[items] * out[users]).sum(1)
+    assert math.isclose(float(error), float((targets - fitted).square().sum()), rel_tol=1e-5)
+
+    generator = torch.Generator().manual_seed(1)
+    draws = []
+    for _ in range(4000):
+        conditional_rows(groups, table, targets, mean, precision, alpha, out, generator)
+        draws.append(out[:3].clone())
+    draws = torch.stack(draws)  # (4000, 3 users, 3)
+    torch.testing.assert_close(draws.mean(0), expected[:3], atol=0.03, rtol=0)
+    for user in range(3):
+        centred = draws[:, user] - draws[:, user].mean(0)
+        torch.testing.assert_close(centred.T @ centred / len(draws), covariances[user], atol=0.02, rtol=0.1)
+
+
+def test_wishart_draws_average_df_times_the_scale() -> None:
+    from zoo.nn.recommender import _wishart
+
+    scale = torch.tensor([[0.5, 0.2], [0.2, 0.3]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([_wishart(scale, 7, generator) for _ in range(4000)])
+    torch.testing.assert_close(draws.mean(0), 7 * scale, atol=0.1, rtol=0.05)
+    assert bool((torch.linalg.eigvalsh(draws) > 0).all())  # every draw a precision matrix
+
+
+def test_gibbs_net_predicts_the_average_of_the_samples_predictions(train_config) -> None:
+    from zoo.run import build_model
+
+    cfg = train_config(*GIBBS, "model.samples=3", "model.net.rank=2")
+    data = SyntheticRatingsDataModule(num_users=200, num_items=100, num_ratings=8000)
+    task = build_model(cfg, data)
+    assert task.net.user_factors.weight.shape[1] == 6 and task.chain.user_factors.weight.shape[1] == 2
+    users, items = torch.randint(0, 200, (50,)), torch.randint(0, 100, (50,))
+    predictions = []
+    for kept in range(3):
+        with torch.no_grad():
+            for parameter in task.chain.parameters():
+                parameter.normal_()
+        predictions.append(task.chain(users, items))
+        task._keep_sample(first=kept == 0)
+        task.chain_kept += 1
+        torch.testing.assert_close(task.net(users, items), torch.stack(predictions).mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_gibbs_solver_reaches_the_noise_floor_and_beats_als_on_the_same_start(train_config) -> None:
+    # the ratings' noise has std 0.5: precision 4
+    settings = ("model.map_sweeps=3", "model.samples=12", "model.noise_precision=4", "trainer.max_epochs=15")
+    cfg = train_config(*GIBBS, *settings, "logger=csv")
+    train(cfg)
+    gibbs = metrics_of(cfg)
+    als = train_config(*GIBBS, "model.solver=als", "trainer.max_epochs=3", "logger=none", folder="als")
+    train(als)
+    start = metrics_of(als)
+    # noise floor 0.5, the global mean about 0.95; the average of the samples improves on the MAP start it came from
+    assert gibbs["test/rmse"] < 0.6 and gibbs["test/rmse"] < start["test/rmse"], (gibbs, start)
+    frame = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text()
+    assert "train/rmse" in frame and "val/rmse_best" in frame
+
+
+def test_gibbs_resume_equals_the_uninterrupted_run(train_config) -> None:
+    settings = [
+        *GIBBS,
+        "model.map_sweeps=1",
+        "model.samples=3",
+        "trainer.max_epochs=4",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "test=false",
+        "logger=none",
+    ]
+    full, resumed = interrupted_and_resumed(train_config, *settings, name="gibbs")
+    a, b = (checkpoint(c)["state_dict"] for c in (full, resumed))
+    assert not torch.equal(
+        checkpoint(full, "epoch_001.ckpt")["state_dict"]["chain.user_factors.weight"], a["chain.user_factors.weight"]
+    )
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_gibbs_bad_settings_are_one_line_errors(train_config) -> None:
+    from zoo.run import build_model
+
+    data = SyntheticRatingsDataModule(num_users=200, num_items=100, num_ratings=8000)
+    with pytest.raises(UserError, match=r"trainer.max_epochs: .*allowed: at most 8, got 20"):
+        train(train_config(*GIBBS, "model.map_sweeps=3", "model.samples=5", "logger=none"))
+    with pytest.raises(Exception, match="model.noise_precision must be > 0"):  # hydra wraps what the task raises
+        build_model(train_config(*GIBBS, "model.noise_precision=0"), data)
+    with pytest.raises(Exception, match="model.samples must be >= 1"):
+        build_model(train_config(*GIBBS, "model.samples=0"), data)
+    with pytest.raises(Exception, match="solver=gibbs solves BiasedMF"):
+        build_model(train_config("model=svdpp", "data=ratings_synthetic", *SMALL, "model.solver=gibbs"), data)

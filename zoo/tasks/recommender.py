@@ -8,6 +8,7 @@ maps, training statistics, titles and features come from it too (see zoo.data.re
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -31,7 +32,9 @@ if TYPE_CHECKING:
 # one (users x items) score matrix is cut into chunks of at most this many entries
 SCORE_CHUNK = 1 << 22
 LOSSES = ("bpr", "logistic")
-SOLVERS = ("gradient", "als")
+SOLVERS = ("gradient", "als", "gibbs")
+# the solvers that take the whole training split at the first batch of each epoch, with no optimizer
+SWEEP_SOLVERS = ("als", "gibbs")
 
 
 def build_net(net: nn.Module | Callable[..., nn.Module], data: RatingsDataModule) -> nn.Module:
@@ -228,6 +231,17 @@ class RatingTask(_Recommender):
     `cg_steps` > 0 replaces each exact solve by that many warm-started conjugate-gradient steps (cheaper at high rank).
     `count_exponent` a scales a user's or item's L2 with its rating count to the power a (1: the per-rating L2 above;
     below 1, entities with many ratings are shrunk less than in proportion), ALS only.
+
+    solver=gibbs is Bayesian probabilistic MF (Salakhutdinov & Mnih, 2008), BiasedMF only. The chain, a BiasedMF
+    of model.net.rank (`chain`), starts from the MAP solution the paper starts from: `map_sweeps` epochs of ALS
+    with the factor_l2, bias_l2 and count_exponent above. Each further epoch draws the priors' hyperparameters and
+    every row from their conditionals (zoo.nn.recommender.gibbs_sweep, ratings with precision `noise_precision`),
+    up to `samples` draws. The net predicts with the average of the drawn samples' predictions, which is itself a
+    BiasedMF: the samples' factors side by side, each scaled by 1/sqrt(kept), and the biases averaged. So the net is
+    built with rank model.net.rank x samples, and everything that reads a BiasedMF (evaluation, recommendations,
+    the projector) reads the posterior mean. The chain and its seed are in the checkpoint, and each epoch's draws
+    depend on the seed and the epoch alone: a resumed run draws what the uninterrupted one did. Logs `train/loss`
+    and `train/rmse`: the current sample's mean squared error and its root.
     """
 
     def __init__(
@@ -243,7 +257,13 @@ class RatingTask(_Recommender):
         solver: str = "gradient",
         cg_steps: int = 0,
         count_exponent: float = 1.0,
+        noise_precision: float = 2.0,
+        map_sweeps: int = 5,
+        samples: int = 30,
     ) -> None:
+        chain_net = net
+        if solver == "gibbs":
+            net = self._posterior_mean_net(net, samples)
         super().__init__(data, net, optimizer, scheduler, monitor)
         if factor_l2 < 0 or bias_l2 < 0:
             raise ValueError(f"model.factor_l2 and model.bias_l2 must be >= 0, got {factor_l2}, {bias_l2}")
@@ -251,30 +271,43 @@ class RatingTask(_Recommender):
             raise UserError("model: this explicit-rating model needs data.protocol=ratings")
         if solver not in SOLVERS:
             raise ValueError(f"model.solver: unknown '{solver}'; allowed: {', '.join(SOLVERS)}")
-        if solver == "als" and (not hasattr(self.net, "user_bias") or hasattr(self.net, "set_implicit")):
+        if solver in SWEEP_SOLVERS and (not hasattr(self.net, "user_bias") or hasattr(self.net, "set_implicit")):
             raise UserError(
-                f"model.solver=als solves BiasedMF in closed form; {type(self.net).__name__} needs gradient"
+                f"model.solver={solver} solves BiasedMF in closed form; {type(self.net).__name__} needs gradient"
             )
-        if solver == "als" and (factor_l2 <= 0 or bias_l2 <= 0):
-            raise ValueError("model.solver=als needs model.factor_l2 > 0 and model.bias_l2 > 0 (the normal equations)")
+        if solver in SWEEP_SOLVERS and (factor_l2 <= 0 or bias_l2 <= 0):
+            raise ValueError(
+                f"model.solver={solver} needs model.factor_l2 > 0 and model.bias_l2 > 0 (the ALS normal equations)"
+            )
         self.factor_l2, self.bias_l2, self.clip_predictions = factor_l2, bias_l2, clip_predictions
         if cg_steps < 0:
             raise ValueError(f"model.cg_steps must be >= 0, got {cg_steps}")
-        if count_exponent != 1.0 and solver != "als":
-            raise UserError("model.count_exponent applies to model.solver=als; gradient training uses 1")
+        if count_exponent != 1.0 and solver not in SWEEP_SOLVERS:
+            raise UserError("model.count_exponent applies to model.solver=als or gibbs; gradient training uses 1")
         self.solver, self.cg_steps, self.count_exponent = solver, cg_steps, count_exponent
-        if solver == "als":
+        if solver == "gibbs":
+            if noise_precision <= 0 or map_sweeps < 0:
+                raise ValueError(
+                    f"model.noise_precision must be > 0 and model.map_sweeps >= 0, got {noise_precision}, {map_sweeps}"
+                )
+            self.noise_precision, self.map_sweeps, self.samples = float(noise_precision), int(map_sweeps), samples
+            # the chain's current sample (ALS sweeps find its MAP start) and the seed of its draws
+            self.chain = build_net(chain_net, data).requires_grad_(False)
+            self.register_buffer("chain_seed", torch.randint(0, 2**31 - 1, ()))
+            self.register_buffer("chain_kept", torch.zeros((), dtype=torch.long))
+        if solver in SWEEP_SOLVERS:
             # every sweep solves against all training ratings, whatever the batch: they live on the module's device
             self.automatic_optimization = False
             for name, tensor in zip(("als_users", "als_items", "als_ratings"), data.splits["train"]):
                 self.register_buffer(name, tensor.clone(), persistent=False)
             self._als_groups: tuple[Any, Any] | None = None
-        self.net.set_statistics(
-            data.global_mean,
-            torch.from_numpy(data.item_mean),
-            torch.from_numpy(data.user_known),
-            torch.from_numpy(data.item_known),
-        )
+        for net in (self.net, self.chain) if solver == "gibbs" else (self.net,):
+            net.set_statistics(
+                data.global_mean,
+                torch.from_numpy(data.item_mean),
+                torch.from_numpy(data.user_known),
+                torch.from_numpy(data.item_known),
+            )
         if hasattr(self.net, "set_implicit"):  # SVD++: which items each user rated in training
             self.net.set_implicit(*data.splits["train"][:2])
         if hasattr(self.net, "set_ratings"):  # AutoRec: the training ratings are its input
@@ -298,24 +331,114 @@ class RatingTask(_Recommender):
     def scores_of_all_items(self, users: torch.Tensor) -> torch.Tensor:
         return self.net.predict_all(users)
 
+    @staticmethod
+    def _posterior_mean_net(net: nn.Module | Callable[..., nn.Module], samples: int) -> Callable[..., nn.Module]:
+        """The BiasedMF factory at rank x samples: solver=gibbs stores its kept samples side by side."""
+        keywords = getattr(net, "keywords", None)
+        if isinstance(net, nn.Module) or keywords is None:
+            raise UserError("model.solver=gibbs builds its net from model.net (a _partial_ BiasedMF config)")
+        if samples < 1:
+            raise ValueError(f"model.samples must be >= 1 for model.solver=gibbs, got {samples}")
+        rank = int(keywords.get("rank", inspect.signature(net).parameters["rank"].default))
+        return functools.partial(net, rank=rank * samples)
+
     def configure_optimizers(self) -> Any:
-        if self.solver == "als":
+        if self.solver in SWEEP_SOLVERS:
             return None  # closed-form sweeps: no optimizer, no learning rate
         return super().configure_optimizers()
 
-    def _als_step(self, batch_idx: int) -> torch.Tensor | None:
-        """One ALS sweep per epoch (at its first batch) over the whole training split; the objective after it."""
-        from zoo.nn.recommender import ALSGroups, als_sweep
+    def on_fit_start(self) -> None:
+        max_epochs = self.trainer.max_epochs
+        if self.solver == "gibbs" and max_epochs is not None and max_epochs > self.map_sweeps + self.samples:
+            raise UserError(
+                f"trainer.max_epochs: solver=gibbs runs model.map_sweeps ({self.map_sweeps}) + model.samples "
+                f"({self.samples}) sweeps, one an epoch; allowed: at most {self.map_sweeps + self.samples}, "
+                f"got {max_epochs}"
+            )
 
-        if batch_idx != 0:
-            return None
-        users, items, ratings = self.als_users, self.als_items, self.als_ratings
+    def _count_sweep(self) -> None:
+        """A sweep is these solvers' optimizer step: counted where Lightning counts manual steps, so that
+        global_step moves, and with it the checkpoint callbacks (they save only once the step has moved) and
+        trainer.max_steps. The count is part of the loop state a checkpoint stores."""
+        if self._trainer is None:  # a sweep called by hand, outside a fit: nothing counts steps
+            return
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _rating_groups(self) -> tuple[Any, Any]:
+        """The training ratings by user and by item, built once on the module's device."""
+        from zoo.nn.recommender import ALSGroups
+
+        users, items = self.als_users, self.als_items
         if self._als_groups is None or self._als_groups[0].counts.device != users.device:
             num_users, num_items = len(self.user_ids), len(self.item_ids)
             self._als_groups = (
                 ALSGroups(users, num_users, items, num_items),
                 ALSGroups(items, num_items, users, num_users),
             )
+        return self._als_groups
+
+    def _gibbs_step(self, batch_idx: int) -> None:
+        """One sweep per epoch on the chain: ALS in the first map_sweeps epochs (the MAP start), then a Gibbs
+        sweep, whose sample joins the posterior mean in the net."""
+        from zoo.nn.recommender import als_sweep, gibbs_sweep
+
+        if batch_idx != 0:
+            return
+        users, items, ratings = self.als_users, self.als_items, self.als_ratings
+        chain, groups = self.chain, self._rating_groups()
+        if self.current_epoch < self.map_sweeps:
+            l2 = (self.factor_l2, self.bias_l2, 0, self.count_exponent)  # exact solves: the sweep returns its error
+            error = als_sweep(chain, users, items, ratings, groups, *l2)
+            self._keep_sample(first=True)
+        else:
+            # the epoch's draws depend on the chain's seed and the epoch alone: a resumed run repeats them
+            generator = torch.Generator(self.device).manual_seed(int(self.chain_seed) + self.current_epoch)
+            user_rows = torch.cat([chain.user_factors.weight, chain.user_bias.weight], 1)
+            item_rows = torch.cat([chain.item_factors.weight, chain.item_bias.weight], 1)
+            offset = ratings - chain._offset(items, torch.ones_like(items, dtype=torch.bool))
+            error = gibbs_sweep(user_rows, item_rows, users, items, offset, groups, self.noise_precision, generator)
+            with torch.no_grad():
+                for factors, bias, rows in (
+                    (chain.user_factors.weight, chain.user_bias.weight, user_rows),
+                    (chain.item_factors.weight, chain.item_bias.weight, item_rows),
+                ):
+                    factors.copy_(rows[:, :-1])
+                    bias.copy_(rows[:, -1:])
+            self._keep_sample(first=bool(self.chain_kept == 0))
+            self.chain_kept += 1
+        self._count_sweep()
+        self.log("train/loss", error, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/rmse", error.sqrt(), on_step=False, on_epoch=True)
+
+    @torch.no_grad()
+    def _keep_sample(self, first: bool) -> None:
+        """Fold the chain into the net's average: kept samples side by side, each scaled by 1/sqrt(kept), so that
+        the net's dot product is the mean of theirs, and the biases averaged. The MAP start stands alone (`first`)
+        until the first draw replaces it."""
+        rank = self.chain.user_factors.weight.shape[1]
+        kept = 1 if first else int(self.chain_kept) + 1
+        for factors, bias, chain_factors, chain_bias in (
+            (self.net.user_factors, self.net.user_bias, self.chain.user_factors, self.chain.user_bias),
+            (self.net.item_factors, self.net.item_bias, self.chain.item_factors, self.chain.item_bias),
+        ):
+            slices = factors.weight.view(len(factors.weight), self.samples, rank)
+            if first:
+                slices.zero_()
+                bias.weight.zero_()
+            slices[:, : kept - 1] *= math.sqrt((kept - 1) / kept)
+            slices[:, kept - 1] = chain_factors.weight / math.sqrt(kept)
+            bias.weight += (chain_bias.weight - bias.weight) / kept
+
+    def _als_step(self, batch_idx: int) -> torch.Tensor | None:
+        """One ALS sweep per epoch (at its first batch) over the whole training split; the objective after it."""
+        from zoo.nn.recommender import als_sweep
+
+        if batch_idx != 0:
+            return None
+        users, items, ratings = self.als_users, self.als_items, self.als_ratings
+        self._rating_groups()
         als_sweep(
             self.net,
             users,
@@ -327,6 +450,7 @@ class RatingTask(_Recommender):
             self.cg_steps,
             self.count_exponent,
         )
+        self._count_sweep()
         predictions, loss = self._als_objective()
         self.train_loss.update(loss)
         self.train_rmse.update(predictions, self.als_ratings)
@@ -362,6 +486,8 @@ class RatingTask(_Recommender):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         if self.solver == "als":
             return self._als_step(batch_idx)
+        if self.solver == "gibbs":
+            return self._gibbs_step(batch_idx)
         users, items, ratings = batch
         predictions = self.net(users, items)
         factors, biases = self.net.penalty(users, items)
