@@ -961,6 +961,24 @@ def test_gibbs_resume_equals_the_uninterrupted_run(train_config) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("solver", ["als", "gibbs"])
+def test_sweeps_ignore_mixed_precision(train_config, solver: str) -> None:
+    settings = (
+        *GIBBS,
+        f"model.solver={solver}",
+        "model.samples=2",
+        "trainer.max_epochs=4",
+        "test=false",
+        "logger=none",
+    )
+    runs = [train_config(*settings, f"trainer.precision={p}", folder=p) for p in ("32-true", "bf16-mixed")]
+    for cfg in runs:
+        train(cfg)
+    full, mixed = (checkpoint(cfg)["state_dict"] for cfg in runs)
+    for key in full:
+        assert torch.equal(full[key], mixed[key]), key
+
+
 def test_gibbs_bad_settings_are_one_line_errors(train_config) -> None:
     from zoo.run import build_model
 

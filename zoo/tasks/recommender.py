@@ -484,10 +484,10 @@ class RatingTask(_Recommender):
         return predictions, loss
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
-        if self.solver == "als":
-            return self._als_step(batch_idx)
-        if self.solver == "gibbs":
-            return self._gibbs_step(batch_idx)
+        if self.solver in SWEEP_SOLVERS:
+            # closed-form solves and Cholesky factors in full precision, whatever trainer.precision autocasts
+            with torch.autocast(self.device.type, enabled=False):
+                return self._als_step(batch_idx) if self.solver == "als" else self._gibbs_step(batch_idx)
         users, items, ratings = batch
         predictions = self.net(users, items)
         factors, biases = self.net.penalty(users, items)
