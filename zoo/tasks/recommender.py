@@ -301,8 +301,8 @@ class RatingTask(_Recommender):
             for name, tensor in zip(("als_users", "als_items", "als_ratings"), data.splits["train"]):
                 self.register_buffer(name, tensor.clone(), persistent=False)
             self._als_groups: tuple[Any, Any] | None = None
-        for net in (self.net, self.chain) if solver == "gibbs" else (self.net,):
-            net.set_statistics(
+        for module in (self.net, self.chain) if solver == "gibbs" else (self.net,):
+            module.set_statistics(
                 data.global_mean,
                 torch.from_numpy(data.item_mean),
                 torch.from_numpy(data.user_known),
