@@ -122,7 +122,7 @@ def test_prepare_refuses_a_used_folder_and_bad_input(tmp_path: Path, image_folde
     with pytest.raises(UserError, match="is not empty"):
         prepare(str(image_folder), str(chunks), image_size=SIZE, channels=1)
     assert sorted(p.name for p in chunks.iterdir()) == before
-    with pytest.raises(UserError, match="unknown; allowed: image_folder, tensor"):
+    with pytest.raises(UserError, match="unknown; allowed: image_folder, tensor, csv"):
         prepare(str(image_folder), str(tmp_path / "new"), data_format="parquet")
     (tmp_path / "bad.pt").write_bytes(b"not a tensor file")
     with pytest.raises(UserError, match="cannot read .* as a weights-only tensor file"):
@@ -139,6 +139,43 @@ def test_tensor_files_stream_too(tmp_path: Path) -> None:
     stream = StreamingDataModule(str(tmp_path / "chunks"), [5], 3, batch_size=4, eval_batch_size=4, num_workers=0)
     rows = [r for split in ("train", "val", "test") for xs, _ in getattr(stream, f"{split}_dataloader")() for r in xs]
     assert sorted(r[0].item() for r in rows) == sorted(x[:, 0].tolist())  # every row once, over the three splits
+
+
+def test_csv_tables_stream_as_the_tabular_module_reads_them_and_a_run_learns(tmp_path: Path) -> None:
+    from zoo.data.streaming import StreamingDataModule, prepare
+    from zoo.data.tabular import TabularDataModule
+    from zoo.run import train
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["cat", "dog", "owl"], 90)
+    centre = {"cat": 0.0, "dog": 4.0, "owl": 8.0}
+    lines = ["size,weight,colour,animal"] + [
+        f"{centre[a] + rng.normal():.3f},{100 * rng.random():.2f},{rng.choice(['red', 'blue'])},{a}" for a in labels
+    ]
+    (tmp_path / "animals.csv").write_text("\n".join(lines) + "\n")
+    meta = prepare(str(tmp_path / "animals.csv"), str(tmp_path / "chunks"), data_format="csv", target="animal")
+    assert meta["input_shape"] == [4] and meta["classes"] == ["cat", "dog", "owl"]  # size, weight, one-hot colour
+    table = TabularDataModule("csv", str(tmp_path / "animals.csv"), "animal", input_shape=[4], num_classes=3)
+    table.setup()
+    stream = StreamingDataModule(str(tmp_path / "chunks"), [4], 3, batch_size=8, eval_batch_size=8, num_workers=0)
+    for split in ("train", "val", "test"):
+        x, y = table.splits[split]
+        expected = sorted((row.numpy().tobytes(), int(label)) for row, label in zip(x, y))
+        assert samples(getattr(stream, f"{split}_dataloader")()) == expected, split  # standardized, bit for bit
+    cfg = compose_config(
+        "train",
+        [*QUICK, "data=streaming", f"data.path={tmp_path / 'chunks'}", "data.num_workers=0", "data.batch_size=8",
+         "model=mlp", "trainer.max_epochs=15", "optimizer.lr=1e-2", "logger=none"],
+        tmp_path,
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.optimized_metric = "test/acc"
+    assert train(cfg) >= 0.8  # chance 1/3; the size column alone separates the classes
+    with pytest.raises(UserError, match="'size' is a number to regress"):
+        prepare(str(tmp_path / "animals.csv"), str(tmp_path / "more"), data_format="csv", target="size")
+    with pytest.raises(UserError, match="--target <column>"):
+        prepare(str(tmp_path / "animals.csv"), str(tmp_path / "more"), data_format="csv")
 
 
 def test_a_missing_prepared_folder_is_one_line(tmp_path: Path) -> None:

@@ -35,9 +35,13 @@ def prepared_value(path: str, key: str) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m zoo.data.prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="an image folder (<class>/<image>, or train/val/test/<class>/<image>) or a .pt")
+    parser.add_argument(
+        "source", help="an image folder (<class>/<image>, or train/val/test/<class>/<image>), a .pt or a .csv"
+    )
     parser.add_argument("out", help="a new, empty folder for the chunks and zoo.json")
-    parser.add_argument("--format", dest="data_format", default="image_folder", choices=["image_folder", "tensor"])
+    formats = ["image_folder", "tensor", "csv"]
+    parser.add_argument("--format", dest="data_format", default="image_folder", choices=formats)
+    parser.add_argument("--target", default=None, help="csv: the column of classes to predict")
     parser.add_argument("--image-size", type=int, default=64, help="image_folder: images resized to this square")
     parser.add_argument("--channels", type=int, default=3, choices=[1, 3], help="image_folder: 1 grayscale, 3 RGB")
     parser.add_argument("--val-fraction", type=float, default=0.1)

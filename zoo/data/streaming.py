@@ -2,6 +2,7 @@
 
     python -m zoo.data.prepare <image folder> <out> --format image_folder --image-size 28 --channels 1
     python -m zoo.data.prepare <file.pt> <out> --format tensor          # {"x": (N, ...) tensor, "y": (N,) labels}
+    python -m zoo.data.prepare <table.csv> <out> --format csv --target <class column>  # standardized rows
     python train.py data=streaming data.path=<out> model=cnn            # or data.path=s3://bucket/prefix
 
 `<out>` holds one LitData dataset per split (`train/`, `val/`, `test/`) and `zoo.json` (input shape, class names,
@@ -250,6 +251,35 @@ def _tensor_splits(
     return splits, {"input_shape": list(x.shape[1:]), "classes": classes, "scale": scale}
 
 
+def _csv_splits(
+    source: Path, target: str | None, val_fraction: float, test_fraction: float, split_seed: int
+) -> tuple[dict[str, tuple[Callable[[int], tuple[np.ndarray, int]], int]], dict[str, Any]]:
+    """A CSV table's rows exactly as `data=tabular_csv` hands them to a neural model: split by `split_seed`,
+    categoricals one-hot, every column standardized with the training split's statistics. Classes only: the
+    classification task reads the streamed samples, and a regression target stays with data=tabular_csv."""
+    from zoo.data.table import Table
+    from zoo.data.tabular import TabularDataModule
+
+    if not target:
+        raise UserError("prepare --format csv: name the class column with --target <column>")
+    splitting = {"val_fraction": val_fraction, "test_fraction": test_fraction, "split_seed": split_seed}
+    table = Table("csv", str(source), target, **splitting)
+    if table.task == "regression":
+        raise UserError(
+            f"prepare --format csv: '{target}' is a number to regress; streaming reads classes "
+            f"(train a regression on this table with data=tabular_csv)"
+        )
+    data = TabularDataModule(
+        "csv", str(source), target, input_shape=[table.encoded_width], num_classes=table.num_classes, **splitting
+    )
+    data.setup()
+    splits = {
+        split: (_TensorRow(x.numpy(), y.numpy()), len(y)) for split, (x, y) in data.splits.items() if split in SPLITS
+    }
+    meta = {"input_shape": [table.encoded_width], "classes": [str(c) for c in table.classes], "scale": 1.0}
+    return splits, meta
+
+
 def prepare(
     source: str,
     out: str,
@@ -262,6 +292,7 @@ def prepare(
     chunk_bytes: str = "64MB",
     compression: str | None = None,
     num_workers: int = 1,
+    target: str | None = None,
 ) -> dict[str, Any]:
     """Write `source`'s splits as LitData chunks under `out/{train,val,test}` and describe them in `out/zoo.json`."""
     from litdata import optimize
@@ -278,8 +309,10 @@ def prepare(
         splits, meta = _image_folder_splits(source_path, image_size, channels, val_fraction, test_fraction, split_seed)
     elif data_format == "tensor":
         splits, meta = _tensor_splits(source_path, val_fraction, test_fraction, split_seed)
+    elif data_format == "csv":
+        splits, meta = _csv_splits(source_path, target, val_fraction, test_fraction, split_seed)
     else:
-        raise UserError(f"prepare: --format {data_format!r} unknown; allowed: image_folder, tensor")
+        raise UserError(f"prepare: --format {data_format!r} unknown; allowed: image_folder, tensor, csv")
     out_path.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, (read, count) in splits.items():
