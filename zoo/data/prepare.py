@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="a new, empty folder for the chunks and zoo.json")
     formats = ["image_folder", "tensor", "csv"]
     parser.add_argument("--format", dest="data_format", default="image_folder", choices=formats)
-    parser.add_argument("--target", default=None, help="csv: the column of classes to predict")
+    parser.add_argument("--target", default=None, help="csv: the column to predict (classes, or a number to regress)")
     parser.add_argument("--image-size", type=int, default=64, help="image_folder: images resized to this square")
     parser.add_argument("--channels", type=int, default=3, choices=[1, 3], help="image_folder: 1 grayscale, 3 RGB")
     parser.add_argument("--val-fraction", type=float, default=0.1)
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         meta = prepare(**{k: v for k, v in vars(args).items()})
     except UserError as error:
         parser.exit(2, f"error: {error}\n")
-    print(f"{args.out}: {meta['samples']} samples of shape {meta['input_shape']}, {meta['num_classes']} classes")
+    what = "a regression target" if meta.get("target_scale") else f"{meta['num_classes']} classes"
+    print(f"{args.out}: {meta['samples']} samples of shape {meta['input_shape']}, {what}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m zoo.data.prepare <image folder> <out> --format image_folder --image-size 28 --channels 1
     python -m zoo.data.prepare <file.pt> <out> --format tensor          # {"x": (N, ...) tensor, "y": (N,) labels}
-    python -m zoo.data.prepare <table.csv> <out> --format csv --target <class column>  # standardized rows
+    python -m zoo.data.prepare <table.csv> <out> --format csv --target <column>  # standardized rows and target
     python train.py data=streaming data.path=<out> model=cnn            # or data.path=s3://bucket/prefix
 
 `<out>` holds one LitData dataset per split (`train/`, `val/`, `test/`) and `zoo.json` (input shape, class names,
@@ -33,19 +33,21 @@ SPLITS = ("train", "val", "test")
 
 
 class _Decode:
-    """A stored sample as the model reads it: uint8 images to floats in [0, 1]; picklable for loader workers."""
+    """A stored sample as the model reads it: uint8 images to floats in [0, 1], the target a class (or, for a
+    regression table, a float); picklable for loader workers."""
 
-    def __init__(self, scale: float) -> None:
-        self.scale = scale
+    def __init__(self, scale: float, regression: bool = False) -> None:
+        self.scale, self.target_type = scale, torch.float32 if regression else torch.long
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(sample["x"])
         x = x.float() * self.scale if x.dtype == torch.uint8 else x.float()
-        return x, torch.as_tensor(sample["y"], dtype=torch.long)
+        return x, torch.as_tensor(sample["y"], dtype=self.target_type)
 
 
 class StreamingDataModule(L.LightningDataModule):
-    """Classification samples streamed from `prepare`'s chunks with LitData's StreamingDataset and loader."""
+    """Samples streamed from `prepare`'s chunks with LitData's StreamingDataset and loader: classes, or a regression
+    table's standardized target (`target_scale`, its training mean and std from zoo.json, maps predictions back)."""
 
     def __init__(
         self,
@@ -73,6 +75,7 @@ class StreamingDataModule(L.LightningDataModule):
         self.max_cache_size, self.cache_dir, self.shuffle_seed = max_cache_size, cache_dir, shuffle_seed
         self.drop_last, self.data_dir = drop_last, data_dir
         self.scale = 1.0 / 255.0
+        self.target_scale: tuple[float, float] | None = None
         if "://" not in self.path:
             meta = read_meta(self.path)
             if list(self.input_shape) != list(meta["input_shape"]) or self.num_classes != meta["num_classes"]:
@@ -81,6 +84,8 @@ class StreamingDataModule(L.LightningDataModule):
                     f"'{self.path}' holds {meta['input_shape']}/{meta['num_classes']}"
                 )
             self.scale = float(meta.get("scale", self.scale))
+            if meta.get("target_scale") is not None:
+                self.target_scale = (float(meta["target_scale"][0]), float(meta["target_scale"][1]))
         self.loaders: dict[str, Any] = {}
         self.train_position: dict[str, Any] | None = None  # the training loader's place, from a checkpoint
 
@@ -102,7 +107,7 @@ class StreamingDataModule(L.LightningDataModule):
             # None: LitData's default, which under DDP drops the last samples so that every rank takes as many
             # batches (a rank with one more would wait for the others forever)
             drop_last=(True if self.drop_last else None) if shuffle else False,
-            transform=_Decode(self.scale),
+            transform=_Decode(self.scale, regression=self.target_scale is not None),
             **options,
         )
         return dataset
@@ -179,14 +184,15 @@ def _resumable_loader_class() -> type:
 
 
 class _Sample:
-    """Sample i of a split as LitData stores it (x: uint8 image or float array, y: class); picklable for workers."""
+    """Sample i of a split as LitData stores it (x: uint8 image or float array, y: a class, or a float target);
+    picklable for workers."""
 
-    def __init__(self, read: Callable[[int], tuple[np.ndarray, int]]) -> None:
+    def __init__(self, read: Callable[[int], tuple[np.ndarray, int | float]]) -> None:
         self.read = read
 
     def __call__(self, index: int) -> dict[str, Any]:
         x, y = self.read(index)
-        return {"x": x, "y": int(y)}
+        return {"x": x, "y": y if isinstance(y, float) else int(y)}
 
 
 class _FolderImage:
@@ -202,8 +208,8 @@ class _TensorRow:
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         self.x, self.y = x, y
 
-    def __call__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.x[index], int(self.y[index])
+    def __call__(self, index: int) -> tuple[np.ndarray, int | float]:
+        return self.x[index], self.y[index].item()  # a Python int for classes, a float for a regression target
 
 
 def _image_folder_splits(
@@ -255,28 +261,29 @@ def _csv_splits(
     source: Path, target: str | None, val_fraction: float, test_fraction: float, split_seed: int
 ) -> tuple[dict[str, tuple[Callable[[int], tuple[np.ndarray, int]], int]], dict[str, Any]]:
     """A CSV table's rows exactly as `data=tabular_csv` hands them to a neural model: split by `split_seed`,
-    categoricals one-hot, every column standardized with the training split's statistics. Classes only: the
-    classification task reads the streamed samples, and a regression target stays with data=tabular_csv."""
+    categoricals one-hot, every column standardized with the training split's statistics, and a regression target
+    standardized too (its training mean and std go into zoo.json as `target_scale`)."""
     from zoo.data.table import Table
     from zoo.data.tabular import TabularDataModule
 
     if not target:
-        raise UserError("prepare --format csv: name the class column with --target <column>")
+        raise UserError("prepare --format csv: name the column to predict with --target <column>")
     splitting = {"val_fraction": val_fraction, "test_fraction": test_fraction, "split_seed": split_seed}
     table = Table("csv", str(source), target, **splitting)
-    if table.task == "regression":
-        raise UserError(
-            f"prepare --format csv: '{target}' is a number to regress; streaming reads classes "
-            f"(train a regression on this table with data=tabular_csv)"
-        )
+    regression = table.task == "regression"
+    outputs = 1 if regression else table.num_classes
     data = TabularDataModule(
-        "csv", str(source), target, input_shape=[table.encoded_width], num_classes=table.num_classes, **splitting
+        "csv", str(source), target, input_shape=[table.encoded_width], num_classes=outputs, **splitting
     )
     data.setup()
     splits = {
         split: (_TensorRow(x.numpy(), y.numpy()), len(y)) for split, (x, y) in data.splits.items() if split in SPLITS
     }
-    meta = {"input_shape": [table.encoded_width], "classes": [str(c) for c in table.classes], "scale": 1.0}
+    meta: dict[str, Any] = {"input_shape": [table.encoded_width], "scale": 1.0}
+    if regression:  # one output, no class names
+        meta |= {"classes": [], "num_classes": 1, "target_scale": list(data.target_scale)}
+    else:
+        meta["classes"] = [str(c) for c in table.classes]
     return splits, meta
 
 
@@ -331,6 +338,7 @@ def prepare(
             verbose=False,
         )
         counts[split] = count
-    meta |= {"num_classes": len(meta["classes"]), "samples": counts, "format": data_format, "source": str(source_path)}
+    meta.setdefault("num_classes", len(meta["classes"]))
+    meta |= {"samples": counts, "format": data_format, "source": str(source_path)}
     (out_path / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
