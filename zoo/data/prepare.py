@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         parser.exit(2, f"error: {error}\n")
     what = "a regression target" if meta.get("target_scale") else f"{meta['num_classes']} classes"
-    print(f"{args.out}: {meta['samples']} samples of shape {meta['input_shape']}, {what}")
+    counts = ", ".join(f"{split} {count}" for split, count in meta["samples"].items())
+    total = sum(meta["samples"].values())
+    print(f"{args.out}: {total} samples ({counts}) of shape {meta['input_shape']}, {what}")
 
 
 if __name__ == "__main__":
