@@ -141,10 +141,25 @@ def test_tensor_files_stream_too(tmp_path: Path) -> None:
     assert sorted(r[0].item() for r in rows) == sorted(x[:, 0].tolist())  # every row once, over the three splits
 
 
+def streamed_run(tmp_path: Path, chunks: str, model: str, epochs: int, metric: str) -> float:
+    """`metric` of a run of `model` trained from the chunks in tmp_path/chunks."""
+    from zoo.run import train
+
+    cfg = compose_config(
+        "train",
+        [*QUICK, "data=streaming", f"data.path={tmp_path / chunks}", "data.num_workers=0", "data.batch_size=8",
+         f"model={model}", f"trainer.max_epochs={epochs}", "optimizer.lr=1e-2", "logger=none"],
+        tmp_path,
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / f"{chunks}_run")
+        cfg.optimized_metric = metric
+    return train(cfg)
+
+
 def test_csv_tables_stream_as_the_tabular_module_reads_them_and_runs_learn(tmp_path: Path) -> None:
     from zoo.data.streaming import StreamingDataModule, prepare
     from zoo.data.tabular import TabularDataModule
-    from zoo.run import train
 
     rng = np.random.default_rng(0)
     labels = rng.choice(["cat", "dog", "owl"], 90)
@@ -162,16 +177,7 @@ def test_csv_tables_stream_as_the_tabular_module_reads_them_and_runs_learn(tmp_p
         x, y = table.splits[split]
         expected = sorted((row.numpy().tobytes(), int(label)) for row, label in zip(x, y))
         assert samples(getattr(stream, f"{split}_dataloader")()) == expected, split  # standardized, bit for bit
-    cfg = compose_config(
-        "train",
-        [*QUICK, "data=streaming", f"data.path={tmp_path / 'chunks'}", "data.num_workers=0", "data.batch_size=8",
-         "model=mlp", "trainer.max_epochs=15", "optimizer.lr=1e-2", "logger=none"],
-        tmp_path,
-    )  # fmt: skip
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.optimized_metric = "test/acc"
-    assert train(cfg) >= 0.8  # chance 1/3; the size column alone separates the classes
+    assert streamed_run(tmp_path, "chunks", "mlp", 15, "test/acc") >= 0.8  # chance 1/3; size separates the classes
     with pytest.raises(UserError, match="--target <column>"):
         prepare(str(tmp_path / "animals.csv"), str(tmp_path / "more"), data_format="csv")
 
@@ -188,17 +194,8 @@ def test_csv_tables_stream_as_the_tabular_module_reads_them_and_runs_learn(tmp_p
         (row.numpy().tobytes(), float(value)) for xs, ys in stream.test_dataloader() for row, value in zip(xs, ys)
     )
     assert got == expected
-    cfg = compose_config(
-        "train",
-        [*QUICK, "data=streaming", f"data.path={tmp_path / 'sizes'}", "data.num_workers=0", "data.batch_size=8",
-         "model=mlp_regressor", "trainer.max_epochs=40", "optimizer.lr=1e-2", "logger=none"],
-        tmp_path,
-    )  # fmt: skip
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "regression")
-        cfg.optimized_metric = "test/r2"
     # the mean scores R² 0; the animal explains about 0.9 of the size's variance (centres 4 apart, noise std 1)
-    assert train(cfg) >= 0.6
+    assert streamed_run(tmp_path, "sizes", "mlp_regressor", 40, "test/r2") >= 0.6
 
 
 def test_a_missing_prepared_folder_is_one_line(tmp_path: Path) -> None:
