@@ -989,6 +989,8 @@ def test_gibbs_bad_settings_are_one_line_errors(train_config) -> None:
     data = SyntheticRatingsDataModule(num_users=200, num_items=100, num_ratings=8000)
     with pytest.raises(UserError, match=r"trainer.max_epochs: .*allowed: at most 8, got 20"):
         train(train_config(*GIBBS, "model.map_sweeps=3", "model.samples=5", "logger=none"))
+    with pytest.raises(UserError, match=r"allowed: at most 8, got -1"):
+        train(train_config(*GIBBS, "model.map_sweeps=3", "model.samples=5", "trainer.max_epochs=-1", "logger=none"))
     with pytest.raises(Exception, match="model.noise_precision must be > 0"):  # hydra wraps what the task raises
         build_model(train_config(*GIBBS, "model.noise_precision=0"), data)
     with pytest.raises(Exception, match="model.samples must be >= 1"):

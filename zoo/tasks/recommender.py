@@ -348,8 +348,8 @@ class RatingTask(_Recommender):
         return super().configure_optimizers()
 
     def on_fit_start(self) -> None:
-        max_epochs = self.trainer.max_epochs
-        if self.solver == "gibbs" and max_epochs is not None and max_epochs > self.map_sweeps + self.samples:
+        max_epochs = self.trainer.max_epochs  # None or -1: no epoch limit, which a chain of fixed length cannot follow
+        if self.solver == "gibbs" and (max_epochs is None or not 0 <= max_epochs <= self.map_sweeps + self.samples):
             raise UserError(
                 f"trainer.max_epochs: solver=gibbs runs model.map_sweeps ({self.map_sweeps}) + model.samples "
                 f"({self.samples}) sweeps, one an epoch; allowed: at most {self.map_sweeps + self.samples}, "
