@@ -612,42 +612,42 @@ def conditional_rows(
 
 @torch.no_grad()
 def gibbs_sweep(
-    user_rows: torch.Tensor,
-    item_rows: torch.Tensor,
+    net: BiasedMF,
     users: torch.Tensor,
     items: torch.Tensor,
-    residuals: torch.Tensor,
+    ratings: torch.Tensor,
     groups: tuple[ALSGroups, ALSGroups],
     noise_precision: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator,
 ) -> torch.Tensor:
-    """One sweep of Bayesian probabilistic MF's Gibbs sampler (Salakhutdinov & Mnih, 2008), in place: each side's
-    prior mean and precision from their Normal-Wishart conditional, then every user row, then every item row, from
-    their Gaussian conditionals. Rows are [factors, bias]: the bias is one more coordinate under the same prior,
-    against a constant 1 on the other side. `residuals` are the ratings less the offset the net adds (global or
-    item mean); `noise_precision` is the ratings' alpha. `groups` must be built with the other side's indices.
-
-    Without a generator it is the MAP start the paper initialises the chain with: ridge solutions under the
-    hyperprior's mean precision (dim x identity, zero mean), no draws. Returns the new rows' mean squared error on
-    the training ratings.
+    """One sweep of Bayesian probabilistic MF's Gibbs sampler (Salakhutdinov & Mnih, 2008) on BiasedMF, in place:
+    each side's prior mean and precision from their Normal-Wishart conditional, then every user row, then every
+    item row, from their Gaussian conditionals. Rows are [factors, bias]: the bias is one more coordinate under the
+    same prior, against a constant 1 on the other side. `noise_precision` is the ratings' alpha; `groups` are built
+    as for als_sweep, which finds the MAP start the paper begins the chain from. Returns the new rows' mean squared
+    error on the ratings.
     """
-    rank = user_rows.shape[1] - 1
+    rank = net.user_factors.weight.shape[1]
+    residual = ratings - net._offset(items, torch.ones_like(items, dtype=torch.bool))
     by_user, by_item = groups
-    dim = rank + 1
-    if generator is not None:
-        user_prior = sample_prior(user_rows[by_user.counts > 0], generator)
-        item_prior = sample_prior(item_rows[by_item.counts > 0], generator)
-    else:
-        zero = user_rows.new_zeros(dim)
-        user_prior = item_prior = (zero, dim * torch.eye(dim, device=user_rows.device, dtype=user_rows.dtype))
+    user_rows = torch.cat([net.user_factors.weight, net.user_bias.weight], 1)
+    item_rows = torch.cat([net.item_factors.weight, net.item_bias.weight], 1)
+    user_prior = sample_prior(user_rows[by_user.counts > 0], generator)
+    item_prior = sample_prior(item_rows[by_item.counts > 0], generator)
     ones = user_rows.new_ones(1)
     item_table = torch.cat([item_rows[:, :rank], ones.expand(len(item_rows), 1)], 1)
-    targets = residuals - item_rows[:, rank].index_select(0, items)
+    targets = residual - item_rows[:, rank].index_select(0, items)
     conditional_rows(by_user, item_table, targets, *user_prior, noise_precision, user_rows, generator)
     user_table = torch.cat([user_rows[:, :rank], ones.expand(len(user_rows), 1)], 1)
-    targets = residuals - user_rows[:, rank].index_select(0, users)
+    targets = residual - user_rows[:, rank].index_select(0, users)
     squared_error = conditional_rows(by_item, user_table, targets, *item_prior, noise_precision, item_rows, generator)
-    return squared_error / max(len(residuals), 1)
+    for factors, bias, rows in (
+        (net.user_factors.weight, net.user_bias.weight, user_rows),
+        (net.item_factors.weight, net.item_bias.weight, item_rows),
+    ):
+        factors.copy_(rows[:, :rank])
+        bias.copy_(rows[:, rank:])
+    return squared_error / max(len(ratings), 1)
 
 
 class KnownIds:

@@ -395,17 +395,7 @@ class RatingTask(_Recommender):
         else:
             # the epoch's draws depend on the chain's seed and the epoch alone: a resumed run repeats them
             generator = torch.Generator(self.device).manual_seed(int(self.chain_seed) + self.current_epoch)
-            user_rows = torch.cat([chain.user_factors.weight, chain.user_bias.weight], 1)
-            item_rows = torch.cat([chain.item_factors.weight, chain.item_bias.weight], 1)
-            offset = ratings - chain._offset(items, torch.ones_like(items, dtype=torch.bool))
-            error = gibbs_sweep(user_rows, item_rows, users, items, offset, groups, self.noise_precision, generator)
-            with torch.no_grad():
-                for factors, bias, rows in (
-                    (chain.user_factors.weight, chain.user_bias.weight, user_rows),
-                    (chain.item_factors.weight, chain.item_bias.weight, item_rows),
-                ):
-                    factors.copy_(rows[:, :-1])
-                    bias.copy_(rows[:, -1:])
+            error = gibbs_sweep(chain, users, items, ratings, groups, self.noise_precision, generator)
             self._keep_sample(first=bool(self.chain_kept == 0))
             self.chain_kept += 1
         self._count_sweep()
