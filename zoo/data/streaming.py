@@ -273,7 +273,7 @@ def _csv_splits(
     regression = table.task == "regression"
     outputs = 1 if regression else table.num_classes
     data = TabularDataModule(
-        "csv", str(source), target, input_shape=[table.encoded_width], num_classes=outputs, **splitting
+        "csv", str(source), target, input_shape=[table.encoded_width], num_classes=outputs, table=table, **splitting
     )
     data.setup()
     splits = {

@@ -44,8 +44,10 @@ class TabularDataModule(TensorDataModule):
         train_fraction: float = 1.0,
         pca_components: int | None = None,
         holdout_fraction: float = 0.0,
+        table: Table | None = None,
     ) -> None:
-        self.table = Table(
+        # `table`: one already read with these settings (prepare's CSV streaming), so the file is not read again
+        self.table = table or Table(
             dataset,
             path,
             target,
