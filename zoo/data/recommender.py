@@ -68,6 +68,7 @@ AGE_BOUNDS = (18, 25, 35, 45, 50, 56)
 AGE_NAMES = ("age<18", "age18-24", "age25-34", "age35-44", "age45-49", "age50-55", "age56+")
 PROTOCOLS = ("ratings", "leave_one_out")
 SPLITS = ("random", "official")
+TRAIN_UNITS = ("interaction", "user")
 
 
 @dataclass
@@ -472,6 +473,9 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
     each user with at least 3 keeps the latest as test, the one before as val (ties in time broken
     by `split_seed`). Batches: train (user, item), val/test (user, target, sampled negatives): the
     `sampled_negatives` items per user, never rated by the user, of the sampled-negatives protocol.
+    `train_unit=user` batches training by user instead, `batch_size` users a batch (one-element tuples of user
+    indices): a sequential model reads each user's whole history at once (`splits["train"]` keeps the interactions,
+    sorted by user, then time).
     """
 
     def __init__(
@@ -489,6 +493,7 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
         implicit_threshold: float | None = None,
         sampled_negatives: int = 100,
         holdout_fraction: float = 0.0,
+        train_unit: str = "interaction",
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -511,6 +516,13 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
         check_holdout_fraction(holdout_fraction, folds)
         if holdout_fraction > 0 and split == "official":
             raise UserError("data.holdout_fraction: data.split=official keeps MovieLens' own folds; allowed: 0")
+        if train_unit not in TRAIN_UNITS:
+            raise ValueError(f"data.train_unit: unknown '{train_unit}'; allowed: {', '.join(TRAIN_UNITS)}")
+        if train_unit == "user" and protocol != "leave_one_out":
+            raise UserError(
+                "data.train_unit=user batches the histories of the leave-one-out split; "
+                "allowed with it: data.protocol=leave_one_out"
+            )
         if sampled_negatives < 1:
             raise ValueError(f"data.sampled_negatives must be >= 1, got {sampled_negatives}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -519,6 +531,7 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
         self.folds, self.fold, self.protocol = folds, fold, protocol
         self.holdout_fraction = float(holdout_fraction)
         self.implicit_threshold, self.sampled_negatives = implicit_threshold, sampled_negatives
+        self.train_unit = train_unit
 
         source = self.load()
         self.source = source
@@ -645,6 +658,7 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
         self.global_mean = float(source.ratings[rows].mean())
         self.item_mean = np.full(self.num_items, self.global_mean, dtype=np.float32)
         self.splits["train"] = (torch.from_numpy(user[train]), torch.from_numpy(item[train]))
+        self.splits["train_users"] = (torch.from_numpy(np.unique(user[train])),)
         for name, mask, draw in (("val", val, 0), ("test", test, 1)):
             held_users = user[mask]  # sorted by user, as `evaluated` is
             self.splits[name] = (
@@ -668,6 +682,11 @@ class RatingsDataModule(InMemoryDataModule, abc.ABC):
         if not kept:
             return np.zeros((0, 2, count), dtype=np.int64), np.zeros(0, dtype=np.int64)
         return np.asarray(draws, dtype=np.int64), np.asarray(kept, dtype=np.int64)
+
+    def train_dataloader(self) -> Any:
+        if self.train_unit == "user":
+            return self._batches("train_users", train=True)
+        return super().train_dataloader()
 
     def val_dataloader(self) -> Any:
         """No validation batches at all (not an empty loader) when val_fraction=0."""

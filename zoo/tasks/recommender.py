@@ -644,3 +644,78 @@ class RankingTask(_Recommender):
 
     def on_test_epoch_end(self) -> None:
         self.write_projector()
+
+
+def _in_time_order(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interactions of consecutive periods (each sorted by user, then time) merged, sorted by user, then time."""
+    users = torch.cat([p[0].cpu() for p in parts])
+    items = torch.cat([p[1].cpu() for p in parts])
+    order = torch.from_numpy(np.argsort(users.numpy(), kind="stable"))  # stable: earlier periods stay first
+    return users[order], items[order]
+
+
+class SequenceTask(RankingTask):
+    """Next-item training of a sequential recommender (SASRec, Kang & McAuley, 2018), ranked like RankingTask.
+
+    A batch is `data.batch_size` users (data.train_unit=user). At every position of a user's training history
+    the net scores the item that comes next against one sampled item the user did not have in training; the loss
+    is the logistic loss of both, averaged over the real (unpadded) positions. The net ranks from its `history`:
+    the training items while training and validating; for the test, the training items and the validation item
+    (the test item is what follows everything before it, the paper's protocol); for `mode=recommend`, every
+    interaction of the data.
+    """
+
+    def __init__(
+        self,
+        data: RatingsDataModule,
+        net: nn.Module | Callable[..., nn.Module],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        monitor: str = "val/ndcg@10",
+        k: int = 10,
+    ) -> None:
+        super().__init__(data, net, optimizer, scheduler, monitor, loss="logistic", num_negatives=1, l2=0.0, k=k)
+        if getattr(data, "train_unit", None) != "user":
+            raise UserError(
+                "data.train_unit: a sequential model reads whole histories; allowed: user (model=sasrec sets it)"
+            )
+        if not hasattr(self.net, "set_history"):
+            raise UserError("model.net: SequenceTask needs a sequential net, e.g. zoo.nn.sasrec.SASRec")
+        from zoo.nn.sasrec import left_padded
+
+        train = tuple(data.splits["train"])
+        val, test = tuple(data.splits["val"][:2]), tuple(data.splits["test"][:2])
+        self.histories = {"train": train, "test": _in_time_order(train, val), "all": _in_time_order(train, val, test)}
+        pad = data.num_items
+        # one more than the net reads: the inputs are positions [:-1], their next items [1:]
+        sequences = left_padded(*train, data.num_users, self.net.max_length + 1, pad)
+        self.register_buffer("train_sequences", sequences, persistent=False)
+        self._use_history("train")
+
+    def _use_history(self, name: str) -> None:
+        self.net.set_history(*self.histories[name])
+
+    def on_train_start(self) -> None:
+        self._use_history("train")
+
+    def on_validation_start(self) -> None:
+        self._use_history("train")
+
+    def on_test_start(self) -> None:
+        self._use_history("test")
+
+    def recommend(self, user_id: int, k: int = 10) -> list[tuple[int, str, float]]:
+        self._use_history("all")
+        return super().recommend(user_id, k)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        (users,) = batch
+        sequences = self.train_sequences[users]
+        inputs, targets = sequences[:, :-1], sequences[:, 1:]
+        real = targets != self.net.num_items
+        negatives = self._negatives(users.repeat_interleave(targets.shape[1])).view_as(targets)
+        positive, negative = self.net.next_item_scores(inputs, targets, negatives)
+        loss = (F.softplus(-positive[real]).sum() + F.softplus(negative[real]).sum()) / real.sum().clamp(min=1)
+        self.train_loss.update(loss.detach())
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
