@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import assert_same_final_weights, interrupted_and_resumed
 from tests.test_recommender import metrics_of, write_100k
 from zoo.nn.sasrec import SASRec, left_padded
 from zoo.run import build_model, train
@@ -82,6 +83,14 @@ def test_the_test_reads_the_validation_item_and_recommend_reads_every_interactio
     top = model.recommend(1, k=3)
     assert latest() == [i - 1 for i in first_user[-3:]]
     assert not {item for item, _, _ in top} & set(first_user)
+
+
+def test_resume_equals_the_uninterrupted_run(train_config, tmp_path: Path) -> None:
+    """Negatives and dropout draw from the global generator; a resumed run must draw what the full one did."""
+    write_100k(tmp_path / "ml", chain_ratings(users=40))
+    settings = ["model=sasrec", "data=movielens", f"data.path={tmp_path / 'ml'}", *TINY, "data.batch_size=16"]
+    settings += ["trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1", "test=false", "logger=none"]
+    assert_same_final_weights(*interrupted_and_resumed(train_config, *settings))
 
 
 @pytest.mark.parametrize(
