@@ -410,6 +410,37 @@ def test_samples_and_scores_come_from_the_ema_generator(train_config) -> None:
     assert off.generator_ema is None and off.sampler is off.generator
 
 
+def test_truncated_noise_lies_within_the_threshold_and_is_the_prior_without_one() -> None:
+    from zoo.tasks.adversarial import truncated_normal
+
+    plain = truncated_normal(4000, 8, None, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randn(4000, 8, generator=torch.Generator().manual_seed(0)))
+    assert plain.abs().max() > 2.5  # the untruncated prior reaches past the thresholds below
+    for threshold in (0.5, 1.0, 2.0):
+        z = truncated_normal(4000, 8, threshold, torch.Generator().manual_seed(0))
+        assert z.abs().max() <= threshold
+        kept = plain[plain.abs() <= threshold]
+        # redrawing (not clamping): no pile-up at the edges, and the spread of a normal cut at the threshold
+        assert (z.abs() > 0.99 * threshold).float().mean() < 0.05
+        assert abs(float(z.std()) - float(kept.std())) < 0.03
+
+
+def test_truncation_reaches_the_grid_and_the_scored_samples(train_config) -> None:
+    task = build_model(train_config("model=dcgan", *TINY, "model.truncation=0.5"))
+    assert task.fixed_noise.abs().max() <= 0.5
+    drawn: list[torch.Tensor] = []
+
+    def generate(z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        drawn.append(z)
+        return torch.zeros(len(z), 1, 28, 28)
+
+    task._fakes_to_score = generate
+    task.scorer = lambda images: (torch.zeros(len(images), 4), torch.full((len(images), 10), 0.1))
+    task._eval_noise, task._scored = torch.Generator().manual_seed(0), {"real": [], "fake": [], "probs": []}
+    task._score_batch(torch.zeros(300, 1, 28, 28))
+    assert drawn[0].shape == (300, task.latent_dim) and drawn[0].abs().max() <= 0.5
+
+
 def test_accumulation_and_n_critic_count_optimizer_steps(train_config) -> None:
     cfg = train_config(
         "model=wgan_gp",
@@ -566,6 +597,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(train_confi
         # DCGAN's critic has batch norm, which the per-sample gradient penalty cannot have
         ("model.gp_weight=10", "model.discriminator.norm: batch norm mixes the samples of a batch, so the per-sample"),
         ("model.scorer.backend=inception", "model.scorer.backend: unknown 'inception'; allowed: domain, torchmetrics"),
+        ("model.truncation=0", "model.truncation: must be a number > 0 or null (no truncation), got 0"),
     ],
 )
 def test_bad_model_settings_are_one_line_errors(train_config, override: str, message: str) -> None:

@@ -125,6 +125,23 @@ def recompute_batch_norm_statistics(
             module.momentum = momentum
 
 
+def truncated_normal(count: int, latent_dim: int, threshold: float | None, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise, each entry beyond +-threshold drawn again until it lies within (BigGAN's truncation
+    trick, Brock et al., 2019); `threshold=None` leaves the noise as drawn.
+
+    Why: noise near the centre of the prior gives the generator's most typical samples; a smaller threshold trades
+    variety (recall) for fidelity (precision) at sampling time, without retraining.
+    """
+    z = torch.randn(count, latent_dim, generator=generator)
+    if threshold is None:
+        return z
+    outside = z.abs() > threshold
+    while outside.any():
+        z[outside] = torch.randn(int(outside.sum()), generator=generator)
+        outside = z.abs() > threshold
+    return z
+
+
 def ramped_decay(decay: float, steps: int) -> float:
     """min(decay, (1 + t) / (10 + t)) after t steps: an average over the steps so far until that exceeds `decay`'s
     horizon, so that a short run is not dominated by the random weights it started from."""
@@ -211,9 +228,12 @@ class AdversarialTask(L.LightningModule):
         monitor: str,
         ema_bn_batches: int = 16,
         score_samples: int = 2000,
+        truncation: float | None = None,
     ) -> None:
         super().__init__()
         check_manual_optimization_settings(gradient_clip_val, accumulate_grad_batches)
+        if truncation is not None and (isinstance(truncation, bool) or not truncation > 0):
+            raise UserError(f"model.truncation: must be a number > 0 or null (no truncation), got {truncation!r}")
         _check_penalty(gp_weight, discriminator)
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise UserError(f"model.ema_decay: must be in [0, 1) or null, got {ema_decay}")
@@ -235,7 +255,7 @@ class AdversarialTask(L.LightningModule):
         self.make_scheduler, self.monitor = scheduler, monitor
         self.scorer_spec = dict(scorer) if scorer is not None else None
         self.min_class_share, self.eval_seed, self.grid_every = min_class_share, eval_seed, grid_every_n_epochs
-        self.score_samples = score_samples
+        self.score_samples, self.truncation = score_samples, truncation
         self.latent_dim = int(generator.latent_dim)
         # a conditional GAN (zoo.nn.gan.ConditionalGenerator with ProjectionDiscriminator) draws chosen classes
         self.num_classes: int | None = getattr(generator, "num_classes", None)
@@ -248,7 +268,9 @@ class AdversarialTask(L.LightningModule):
         self.ema_decay, self.ema_bn_batches = ema_decay, ema_bn_batches
         self.generator_ema = copy.deepcopy(generator).requires_grad_(False) if ema_decay is not None else None
         self._ema_statistics_stale = True  # the EMA's batch-norm statistics lag its weights until recomputed
-        noise = torch.randn(GRID_SIZE, self.latent_dim, generator=torch.Generator().manual_seed(fixed_noise_seed))
+        noise = truncated_normal(
+            GRID_SIZE, self.latent_dim, truncation, torch.Generator().manual_seed(fixed_noise_seed)
+        )
         self.register_buffer("fixed_noise", noise)  # in the checkpoint: a resumed run draws the same grid
         self.train_loss_d, self.train_loss_g = MeanMetric(), MeanMetric()
         self.train_gp, self.train_wasserstein = MeanMetric(), MeanMetric()
@@ -410,7 +432,7 @@ class AdversarialTask(L.LightningModule):
         scorer reads as the class drawn is its conditional accuracy. Returns the noise the samples came from."""
         if self.scorer is None:
             return None
-        z = torch.randn(len(real), self.latent_dim, generator=self._eval_noise).to(real.device)
+        z = truncated_normal(len(real), self.latent_dim, self.truncation, self._eval_noise).to(real.device)
         fake = self._fakes_to_score(z, labels)
         self._scored["real"].append(self.scorer(real)[0])
         self._score_fakes(fake, labels)
@@ -440,7 +462,7 @@ class AdversarialTask(L.LightningModule):
         start = sum(len(f) for f in self._scored["fake"])
         while start < self.score_samples:
             count = min(500, self.score_samples - start)
-            z = torch.randn(count, self.latent_dim, generator=self._eval_noise).to(self.device)
+            z = truncated_normal(count, self.latent_dim, self.truncation, self._eval_noise).to(self.device)
             labels = None
             if self.num_classes is not None:
                 labels = (torch.arange(start, start + count) % self.num_classes).to(self.device)

@@ -119,6 +119,7 @@ class GANTask(AdversarialTask):
         critic_warmup: bool = False,
         ema_bn_batches: int = 16,
         score_samples: int = 2000,
+        truncation: float | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise UserError(f"model.loss: unknown '{loss}'; allowed: {', '.join(LOSSES)}")
@@ -147,6 +148,7 @@ class GANTask(AdversarialTask):
             monitor=monitor,
             ema_bn_batches=ema_bn_batches,
             score_samples=score_samples,
+            truncation=truncation,
         )
         self.loss_kind, self.n_critic, self.clip_value = loss, n_critic, clip_value
         self.critic_schedule = CriticSchedule(n_critic, critic_warmup)

@@ -196,6 +196,7 @@ class PGGANTask(AdversarialTask):
         monitor: str = "val/fid",
         reset_optimizer_per_phase: bool = False,
         score_samples: int = 2000,
+        truncation: float | None = None,
     ) -> None:
         super().__init__(
             generator,
@@ -215,6 +216,7 @@ class PGGANTask(AdversarialTask):
             scheduler=scheduler,
             monitor=monitor,
             score_samples=score_samples,
+            truncation=truncation,
         )
         check_resolutions(resolutions, getattr(generator, "final_resolution", None))
         self.schedule = GrowthSchedule(list(resolutions), images_per_phase, batch_sizes)
