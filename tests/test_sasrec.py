@@ -104,6 +104,7 @@ def test_resume_equals_the_uninterrupted_run(train_config, tmp_path: Path) -> No
             + [f"~model.net.{key}" for key in ("dim", "blocks", "heads", "max_length", "dropout")],
             "model.net: SequenceTask needs a sequential net",
         ),
+        (["model.net.heads=3"], "model.net.dim: 16 is not divisible by model.net.heads=3; allowed: a multiple of it"),
     ],
 )
 def test_bad_sequence_settings_are_one_line_errors(

@@ -74,6 +74,10 @@ class SASRec(KnownIds, nn.Module):
         super().__init__()
         if max_length < 2 or blocks < 1:
             raise ValueError(f"model.net.max_length must be >= 2 and model.net.blocks >= 1, got {max_length}, {blocks}")
+        if heads < 1 or dim % heads:
+            raise ValueError(
+                f"model.net.dim: {dim} is not divisible by model.net.heads={heads}; allowed: a multiple of it"
+            )
         self.num_items, self.max_length, self.dim = num_items, max_length, dim
         self.items = nn.Embedding(num_items + 1, dim, padding_idx=num_items)
         self.positions = nn.Embedding(max_length, dim)
