@@ -274,11 +274,11 @@ def movielens_implicit(args: argparse.Namespace, seeds: list[int]) -> None:
     names = (f"hr@{k}_{sampled}", f"ndcg@{k}_{sampled}", f"hr@{k}", f"ndcg@{k}")
     rows = [["model", "HR@10 sampled", "NDCG@10 sampled", "HR@10 all", "NDCG@10 all", "worst HR@10 s.", "wall/run"]]
     popularity: dict[str, float] = {}
+    chosen = {name.strip() for name in args.ranking.split(",")}
+    allowed = [name for name, _, _ in IMPLICIT_RUNS]
+    if chosen - set(allowed):
+        sys.exit(f"--ranking: unknown {', '.join(sorted(chosen - set(allowed)))}; allowed: {', '.join(allowed)}")
     with tempfile.TemporaryDirectory(prefix="implicit_") as tmp:
-        chosen = {name.strip() for name in args.ranking.split(",")}
-        allowed = [name for name, _, _ in IMPLICIT_RUNS]
-        if chosen - set(allowed):
-            sys.exit(f"--ranking: unknown {', '.join(sorted(chosen - set(allowed)))}; allowed: {', '.join(allowed)}")
         for _, label, overrides in (entry for entry in IMPLICIT_RUNS if entry[0] in chosen):
             runs = [
                 run([*overrides, path, f"seed={seed}"], Path(tmp), f"{label.replace(' ', '_')}_{seed}")

@@ -58,7 +58,8 @@ class SASRec(KnownIds, nn.Module):
     The published defaults (MovieLens-1M): dim 50, 2 blocks, 1 head, dropout 0.2, the latest 200 items. The
     scores are dot products with the item embedding table the input uses. `history` holds each user's latest
     `max_length` items (set by the task: the training items while training, plus the validation item for the
-    test, as in the paper); padding is the extra row `num_items`, whose embedding stays zero.
+    test, as in the paper); padding is the extra row `num_items`, whose embedding stays zero. Dropout regularizes;
+    there is no L2 on the rows, as in the paper.
     """
 
     def __init__(
@@ -92,7 +93,6 @@ class SASRec(KnownIds, nn.Module):
         self.register_buffer("history", torch.full((num_users, max_length), num_items), persistent=False)
         self.register_buffer("user_known", torch.ones(num_users, dtype=torch.bool))
         self.register_buffer("item_known", torch.ones(num_items, dtype=torch.bool))
-        self.sparse = False
 
     def set_history(self, users: torch.Tensor, items: torch.Tensor) -> None:
         """Interactions sorted by user, then time; each user keeps the latest `max_length`."""
@@ -130,10 +130,6 @@ class SASRec(KnownIds, nn.Module):
         """The score at every position of its next item and of a sampled one (training)."""
         hidden = self.encode(sequences)
         return (hidden * self.items(positives)).sum(-1), (hidden * self.items(negatives)).sum(-1)
-
-    def penalty(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """No L2 on rows: dropout regularizes, as in the paper."""
-        return torch.zeros(len(users), device=users.device)
 
     def item_embeddings(self) -> torch.Tensor:
         return self.items.weight[: self.num_items]

@@ -690,13 +690,14 @@ class SequenceTask(RankingTask):
         # one more than the net reads: the inputs are positions [:-1], their next items [1:]
         sequences = left_padded(*train, data.num_users, self.net.max_length + 1, pad)
         self.register_buffer("train_sequences", sequences, persistent=False)
+        self._history_in_use = ""
         self._use_history("train")
 
     def _use_history(self, name: str) -> None:
-        self.net.set_history(*self.histories[name])
-
-    def on_train_start(self) -> None:
-        self._use_history("train")
+        """Rebuilt only when it changes: every validation reads the training history the last one set."""
+        if name != self._history_in_use:
+            self.net.set_history(*self.histories[name])
+            self._history_in_use = name
 
     def on_validation_start(self) -> None:
         self._use_history("train")
