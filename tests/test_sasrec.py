@@ -63,6 +63,17 @@ def test_each_position_sees_only_its_past_and_the_window_of_latest_items() -> No
     assert torch.isfinite(unknown).all()
 
 
+def test_candidate_scores_are_the_full_rankings_columns() -> None:
+    """The evaluation reads the sampled candidates' scores off score_all; forward must give the same numbers."""
+    torch.manual_seed(0)
+    net = SASRec(num_users=3, num_items=10, dim=8, max_length=4, dropout=0.0).eval()
+    net.set_history(torch.tensor([0, 0, 0, 2]), torch.tensor([1, 2, 3, 4]))
+    users = torch.tensor([0, 2, 1, -1])
+    candidates = torch.tensor([[3, 1, 9], [0, 2, 5], [7, 8, 4], [6, 0, 1]])
+    with torch.no_grad():
+        assert torch.allclose(net(users, candidates), net.score_all(users).gather(1, candidates), atol=1e-6)
+
+
 def test_sasrec_learns_what_comes_next_where_popularity_cannot(train_config, tmp_path: Path) -> None:
     cfg = sasrec_config(train_config, tmp_path / "ml", "trainer.max_epochs=30", "optimizer.lr=5e-3")
     train(cfg)

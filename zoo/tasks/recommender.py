@@ -606,12 +606,13 @@ class RankingTask(_Recommender):
         chunk = max(1, SCORE_CHUNK // max(1, len(self.item_ids)))
         for start in range(0, len(users), chunk):
             part = slice(start, start + chunk)
-            scores = exclude_seen(
-                self.net.score_all(users[part]), users[part], targets[part], self.seen_indptr, self.seen_items
-            )
+            candidates = torch.cat([targets[part, None], negatives[part]], dim=1)
+            # one pass of the net serves both protocols: the sampled candidates' scores are columns of the
+            # full ranking's (a sequential net encodes each user's history once, not twice)
+            every = self.net.score_all(users[part])
+            sampled_ranks = target_ranks(every.gather(1, candidates), torch.zeros_like(targets[part]))
+            scores = exclude_seen(every, users[part], targets[part], self.seen_indptr, self.seen_items)
             ranks = target_ranks(scores, targets[part])
-            sampled = self.net(users[part], torch.cat([targets[part, None], negatives[part]], dim=1))
-            sampled_ranks = target_ranks(sampled, torch.zeros_like(targets[part]))
             values = (hit_rate(ranks, self.k), ndcg(ranks, self.k))
             values += (hit_rate(sampled_ranks, self.k), ndcg(sampled_ranks, self.k))
             popular = self.popularity.expand(len(users[part]), -1)
@@ -619,7 +620,6 @@ class RankingTask(_Recommender):
                 exclude_seen(popular, users[part], targets[part], self.seen_indptr, self.seen_items), targets[part]
             )
             values += (hit_rate(popular_ranks, self.k), ndcg(popular_ranks, self.k))
-            candidates = torch.cat([targets[part, None], negatives[part]], dim=1)
             popular_sampled = target_ranks(self.popularity[candidates], torch.zeros_like(targets[part]))
             values += (hit_rate(popular_sampled, self.k), ndcg(popular_sampled, self.k))
             for n, value in enumerate(values):
