@@ -251,6 +251,7 @@ from zoo.callbacks import AtomicCheckpointIO
 
 io, target = AtomicCheckpointIO(), sys.argv[1]
 io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "version": 1}, target)
+io.wait()
 
 def stall(fd):  # the new checkpoint is written but not yet in place: the instant a kill is most harmful
     print("writing", flush=True)
@@ -279,8 +280,50 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_leaves_the_old_file_whole(tm
     process.wait()
     assert load_checkpoint(target)["version"] == 1
     assert not any(system_temp.iterdir())
-    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "version": 3}, target)  # the next save works
-    assert load_checkpoint(target)["version"] == 3
+    writer = AtomicCheckpointIO()
+    writer.save_checkpoint({"state_dict": {}, "version": 3}, target)  # the next save works
+    assert writer.load_checkpoint(target)["version"] == 3
+
+
+def test_saves_return_before_the_disk_is_done_and_land_in_call_order(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    import zoo.callbacks
+
+    release, written = threading.Event(), []
+    real_write = zoo.callbacks.atomic_write_bytes
+
+    def slow_write(path: Path, data: bytes) -> None:
+        release.wait(timeout=30)
+        real_write(path, data)
+        written.append(path.name)
+
+    monkeypatch.setattr(zoo.callbacks, "atomic_write_bytes", slow_write)
+    writer = AtomicCheckpointIO()
+    first, second = tmp_path / "epoch_000.ckpt", tmp_path / "epoch_001.ckpt"
+    writer.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 0}, first)
+    writer.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, second)
+    writer.remove_checkpoint(first)  # a new best replacing the old one: removed only after it was written
+    assert not first.exists() and not second.exists()  # the training thread did not wait for the disk
+    release.set()
+    assert writer.load_checkpoint(second)["epoch"] == 1  # loading waits for every pending write
+    assert written == ["epoch_000.ckpt", "epoch_001.ckpt"] and not first.exists()
+    writer.teardown()
+
+
+def test_a_failed_background_write_stops_the_next_save(tmp_path: Path, monkeypatch) -> None:
+    import zoo.callbacks
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    writer = AtomicCheckpointIO()
+    monkeypatch.setattr(zoo.callbacks, "atomic_write_bytes", full_disk)
+    writer.save_checkpoint({"epoch": 0}, tmp_path / "last.ckpt")
+    writer._pending[-1].exception()  # the write has failed by now
+    with pytest.raises(OSError, match="No space left"):
+        writer.save_checkpoint({"epoch": 1}, tmp_path / "last.ckpt")
+    writer.teardown()
 
 
 @pytest.mark.slow
