@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -12,30 +11,22 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tests.conftest import QUICK, checkpoint, compose_config, run_script
+from tests.conftest import QUICK, checkpoint, compose_config, every_n_steps, run_script
+from tests.test_gan import column, epoch_rows
+from tests.test_streaming import CLASSES, band_images
+from tests.test_streaming import samples as rows
 from zoo.errors import UserError
 
 litdata = pytest.importorskip("litdata", reason="streaming needs LitData (a dependency of the zoo)")
 
-CLASSES, PER_CLASS, SIZE, BLOCK = 3, 20, 16, 16
+SIZE, BLOCK = 16, 16
 # a text a small model learns within seconds: a unigram model of it scores a perplexity of about 18
 TEXT = "".join(f"the {a} fox jumps over the {b} dog. " for a in ("quick", "brown", "red") for b in ("lazy", "old")) * 40
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Grayscale PNGs whose class is a bright band at a class-specific height."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c in range(CLASSES):
-        (root / f"class{c}").mkdir()
-        for i in range(PER_CLASS):
-            pixels = (rng.random((SIZE, SIZE)) * 90).astype(np.uint8)
-            pixels[4 * c : 4 * c + 4] = 250
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
+    return band_images(tmp_path_factory.mktemp("images"), SIZE)  # 16: a size the DCGAN networks take
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +52,6 @@ def text_chunks(text_file: Path) -> Path:
     out = text_file.parent / "chunks"
     prepare(str(text_file), str(out), data_format="text", block_size=BLOCK)
     return out
-
-
-def rows(batches) -> list[tuple[bytes, int]]:
-    return sorted((x.numpy().tobytes(), int(y)) for xs, ys in batches for x, y in zip(xs, ys, strict=True))
 
 
 def test_the_gan_stream_holds_the_in_memory_gan_images(image_folder: Path, image_chunks: Path) -> None:
@@ -116,18 +103,13 @@ def gan_config(tmp_path: Path, chunks: Path, *overrides: str, folder: str = "gan
     return cfg
 
 
-def epoch_column(cfg, name: str) -> list[float]:
-    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
-        return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
-
-
 def test_a_gan_trains_and_is_scored_from_the_stream(tmp_path: Path, image_chunks: Path) -> None:
     from zoo.run import train
 
     cfg = gan_config(tmp_path, image_chunks, "trainer.max_epochs=4", "model.score_samples=50")
     assert cfg.data.input_shape == [1, SIZE, SIZE] and cfg.data.num_classes == CLASSES  # from zoo.json
     train(cfg)
-    losses_d = epoch_column(cfg, "train/loss_d")
+    losses_d = column(epoch_rows(cfg), "train/loss_d")
     assert len(losses_d) == 4 and all(math.isfinite(v) for v in losses_d)
     assert losses_d[-1] < losses_d[0] and losses_d[-1] < math.log(4), losses_d  # ln 4: D learned nothing
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
@@ -137,22 +119,8 @@ def test_a_gan_trains_and_is_scored_from_the_stream(tmp_path: Path, image_chunks
     assert stored["split"]["score_samples"] == 30 and stored["train"]["shape"] == [30, 1, SIZE, SIZE]
 
 
-def every_n_steps(tmp_path: Path, steps: int) -> list[str]:
-    """A checkpoint every `steps` optimizer steps, into tmp_path/steps."""
-    return [
-        "+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"+callbacks.steps.dirpath={tmp_path}/steps",
-        f"+callbacks.steps.every_n_train_steps={steps}",
-        "+callbacks.steps.save_top_k=-1",
-        "+callbacks.steps.filename='step_{step}'",
-        "+callbacks.steps.auto_insert_metric_name=false",
-    ]
-
-
 def assert_resumed_equals_full(full, resumed) -> None:
-    a, b = (
-        torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True) for c in (full, resumed)
-    )
+    a, b = checkpoint(full), checkpoint(resumed)
     assert a["global_step"] == b["global_step"]
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
@@ -208,7 +176,7 @@ def test_a_char_lm_trains_from_the_stream_and_resumes_in_mid_epoch(tmp_path: Pat
     assert full.data.vocab == sorted(set(TEXT))  # the model's vocabulary, from zoo.json
     perplexity = train(full)
     assert perplexity < 6, perplexity  # a unigram model of the text scores about 18
-    losses = epoch_column(full, "train/loss")
+    losses = column(epoch_rows(full), "train/loss")
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
     # about 500 training windows in batches of 16: step 4 is in the middle of the first epoch
     mid_epoch = tmp_path / "steps" / "step_4.ckpt"
