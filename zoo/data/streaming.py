@@ -9,11 +9,10 @@
     python train.py experiment=char_lm data=streaming_text data.path=<out>
 
 `<out>` holds one LitData dataset per split (`train/`, `val/`, `test/`) and `zoo.json` (input shape, class names,
-sample counts; a text's vocabulary and block size), from which the data configs take `input_shape` and
-`num_classes` (`vocab` and `block_size`). Streaming keeps only a bounded
-cache of chunks on local disk (`data.max_cache_size`), reads with worker processes, hands each rank of a DDP run its
-own share of every epoch, and saves the loader's position in the checkpoint, so a run resumed mid-epoch goes on
-with the samples the interrupted one had not seen.
+sample counts; a text's vocabulary and block size), from which the data configs take `input_shape` and `num_classes`
+(`vocab` and `block_size`). Streaming keeps only a bounded cache of chunks on local disk (`data.max_cache_size`),
+reads with worker processes, hands each rank of a DDP run its own share of every epoch, and saves the loader's
+position in the checkpoint, so a run resumed mid-epoch goes on with the samples the interrupted one had not seen.
 """
 
 from __future__ import annotations
@@ -426,20 +425,19 @@ def _text_splits(
 ) -> tuple[dict[str, tuple[Callable[[int], tuple[np.ndarray, int]], int]], dict[str, Any]]:
     """A UTF-8 text's windows exactly as `data=char_text` (stride null) makes them: its end held out in order, windows
     of block_size + 1 characters every block_size characters, the vocabulary every character of the whole text."""
-    from zoo.data.char_lm import read_text, text_bounds
+    from zoo.data.char_lm import CharVocab, read_text, text_bounds
 
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise UserError(f"prepare --block-size: expected an integer >= 1, got {block_size!r}")
     text = read_text(str(source), key="prepare")
-    chars = sorted(set(text))
-    index = {c: i for i, c in enumerate(chars)}
-    dtype = np.int16 if len(chars) <= np.iinfo(np.int16).max else np.int32
+    vocab = CharVocab.from_text(text)
+    dtype = np.int16 if len(vocab) <= np.iinfo(np.int16).max else np.int32
     splits = {}
     for split, part in text_bounds(len(text), block_size, val_fraction, test_fraction).items():
         count = (len(part) - (block_size + 1)) // block_size + 1
-        splits[split] = (_TextWindow(text, index, part.start, block_size, block_size + 1, dtype), count)
-    meta = {"input_shape": [block_size + 1], "classes": [], "num_classes": len(chars), "scale": 1.0}
-    return splits, meta | {"vocab": chars, "block_size": block_size}
+        splits[split] = (_TextWindow(text, vocab.index, part.start, block_size, block_size + 1, dtype), count)
+    meta = {"input_shape": [block_size + 1], "classes": [], "num_classes": len(vocab), "scale": 1.0}
+    return splits, meta | {"vocab": vocab.chars, "block_size": block_size}
 
 
 def prepare(
