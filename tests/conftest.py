@@ -69,6 +69,19 @@ def checkpoint(cfg: DictConfig, name: str = "last.ckpt") -> dict:
     return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / name, map_location="cpu", weights_only=True)
 
 
+def every_n_steps(tmp_path: Path, steps: int) -> list[str]:
+    """Overrides that keep a checkpoint every `steps` optimizer steps in tmp_path/steps (`step_<n>.ckpt`): a place in
+    mid-epoch to resume from."""
+    return [
+        "+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"+callbacks.steps.dirpath={tmp_path}/steps",
+        f"+callbacks.steps.every_n_train_steps={steps}",
+        "+callbacks.steps.save_top_k=-1",
+        "+callbacks.steps.filename='step_{step}'",
+        "+callbacks.steps.auto_insert_metric_name=false",
+    ]
+
+
 def interrupted_and_resumed(
     train_config: Callable[..., DictConfig], *settings: str, name: str = ""
 ) -> tuple[DictConfig, DictConfig]:

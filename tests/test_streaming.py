@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tests.conftest import QUICK, compose_config, run_script
+from tests.conftest import QUICK, checkpoint, compose_config, every_n_steps, run_script
 from zoo.errors import UserError
 
 litdata = pytest.importorskip("litdata", reason="data=streaming needs LitData (a dependency of the zoo)")
@@ -19,20 +19,23 @@ litdata = pytest.importorskip("litdata", reason="data=streaming needs LitData (a
 CLASSES, PER_CLASS, SIZE = 3, 20, 12
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Grayscale PNGs whose class is a bright band at a class-specific height."""
+def band_images(root: Path, size: int) -> Path:
+    """Grayscale PNGs in root/class<c>/ whose class is a bright band at a class-specific height."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for c in range(CLASSES):
         (root / f"class{c}").mkdir()
         for i in range(PER_CLASS):
-            pixels = (rng.random((SIZE, SIZE)) * 90).astype(np.uint8)
+            pixels = (rng.random((size, size)) * 90).astype(np.uint8)
             pixels[4 * c : 4 * c + 4] = 250
             Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return band_images(tmp_path_factory.mktemp("images"), SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +93,7 @@ def test_a_streamed_run_learns(tmp_path: Path, chunks: Path) -> None:
 def test_a_run_resumed_in_mid_epoch_equals_the_uninterrupted_one(tmp_path: Path, chunks: Path) -> None:
     from zoo.run import train
 
-    every_3_steps = [
-        "+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"+callbacks.steps.dirpath={tmp_path}/steps",
-        "+callbacks.steps.every_n_train_steps=3",
-        "+callbacks.steps.save_top_k=-1",
-        "+callbacks.steps.filename='step_{step}'",
-        "+callbacks.steps.auto_insert_metric_name=false",
-    ]
-    full = streaming_config(tmp_path, chunks, *every_3_steps, folder="full")
+    full = streaming_config(tmp_path, chunks, *every_n_steps(tmp_path, 3), folder="full")
     train(full)
     # 43 training samples in batches of 8: 6 steps an epoch, so step 3 is in the middle of the first
     mid_epoch = tmp_path / "steps" / "step_3.ckpt"
@@ -106,9 +101,7 @@ def test_a_run_resumed_in_mid_epoch_equals_the_uninterrupted_one(tmp_path: Path,
     assert state["epoch"] == 0 and state["global_step"] == 3
     resumed = streaming_config(tmp_path, chunks, f"ckpt_path={mid_epoch}", folder="resumed")
     train(resumed)
-    a, b = (
-        torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True) for c in (full, resumed)
-    )
+    a, b = checkpoint(full), checkpoint(resumed)
     train_samples = json.loads((chunks / "zoo.json").read_text())["samples"]["train"]
     assert a["global_step"] == b["global_step"] == 2 * math.ceil(train_samples / 8)
     for key, value in a["state_dict"].items():

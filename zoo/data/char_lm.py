@@ -26,22 +26,42 @@ def default_corpus() -> str:
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
-def read_text(path: str | None) -> str:
-    """The corpus as a string; an empty or undecodable file is the user's error, in one line."""
+def read_text(path: str | None, key: str = "data.path") -> str:
+    """The corpus as a string; an empty, undecodable or binary file is the user's error, in one line naming `key`."""
     if path in (None, "", DEFAULT_CORPUS):
         return default_corpus()
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"data.path: no file at '{file}'; allowed: a UTF-8 text file, or null for the Python docs")
+        raise UserError(f"{key}: no file at '{file}'; allowed: a UTF-8 text file, or null for the Python docs")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise UserError(
-            f"data.path: '{file}' is not UTF-8 text (byte {error.start}); allowed: a UTF-8 text file"
-        ) from error
+        problem = f"is not UTF-8 text (byte {error.start}); allowed: a UTF-8 text file"
+        raise UserError(f"{key}: '{file}' {problem}") from error
     if not text:
-        raise UserError(f"data.path: '{file}' is empty; a language model needs some text")
+        raise UserError(f"{key}: '{file}' is empty; a language model needs some text")
+    if "\x00" in text:  # valid UTF-8, but a binary file (or UTF-16 text): its characters would mean nothing
+        raise UserError(f"{key}: '{file}' holds NUL characters, so it is binary; allowed: a UTF-8 text file")
     return text
+
+
+def text_bounds(length: int, block_size: int, val_fraction: float, test_fraction: float) -> dict[str, range]:
+    """Where the train, val and test parts of a text of `length` characters lie: the held-out parts are its end, in
+    order, so that `data=char_text` and `prepare --format text` cut a text alike."""
+    n_val, n_test = int(length * val_fraction), int(length * test_fraction)
+    n_train = length - n_val - n_test
+    bounds = {
+        "train": range(0, n_train),
+        "val": range(n_train, n_train + n_val),
+        "test": range(n_train + n_val, length),
+    }
+    for split, part in bounds.items():
+        if len(part) < block_size + 1:
+            raise UserError(
+                f"data.block_size: the {split} part of the text has {len(part)} characters, fewer than "
+                f"block_size + 1 = {block_size + 1}; use a longer text or a smaller block size"
+            )
+    return bounds
 
 
 class CharVocab:
@@ -115,19 +135,8 @@ class CharTextDataModule(InMemoryDataModule):
         text = read_text(path)
         self.vocab = CharVocab.from_text(text)
         ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
-        n_val, n_test = int(len(ids) * val_fraction), int(len(ids) * test_fraction)
-        n_train = len(ids) - n_val - n_test
-        self.text_parts = {
-            "train": ids[:n_train],
-            "val": ids[n_train : n_train + n_val],
-            "test": ids[n_train + n_val :],
-        }
-        for split, part in self.text_parts.items():
-            if len(part) < block_size + 1:
-                raise UserError(
-                    f"data.path: the {split} part of the text has {len(part)} characters, fewer than "
-                    f"data.block_size + 1 = {block_size + 1}; use a longer text or a smaller data.block_size"
-                )
+        bounds = text_bounds(len(ids), block_size, val_fraction, test_fraction)
+        self.text_parts = {split: ids[part.start : part.stop] for split, part in bounds.items()}
         self.splits = {
             split: self._windows(part, self.stride if split == "train" else block_size)
             for split, part in self.text_parts.items()
@@ -136,6 +145,10 @@ class CharTextDataModule(InMemoryDataModule):
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    def prompt(self, length: int) -> str:
+        """The first `length` characters of the validation text: the start of the samples the task writes."""
+        return self.vocab.decode(self.text_parts["val"][:length].tolist())
 
     def _windows(self, ids: torch.Tensor, stride: int) -> torch.Tensor:
         return ids.unfold(0, self.block_size + 1, stride).contiguous()

@@ -3,13 +3,16 @@
     python -m zoo.data.prepare <image folder> <out> --format image_folder --image-size 28 --channels 1
     python -m zoo.data.prepare <file.pt> <out> --format tensor          # {"x": (N, ...) tensor, "y": (N,) labels}
     python -m zoo.data.prepare <table.csv> <out> --format csv --target <column>  # standardized rows and target
+    python -m zoo.data.prepare <file.txt> <out> --format text --block-size 64   # a character LM's text windows
     python train.py data=streaming data.path=<out> model=cnn            # or data.path=s3://bucket/prefix
+    python train.py experiment=dcgan_mnist data=streaming_gan data.path=<out>   # images in [-1, 1] for GANs
+    python train.py experiment=char_lm data=streaming_text data.path=<out>
 
 `<out>` holds one LitData dataset per split (`train/`, `val/`, `test/`) and `zoo.json` (input shape, class names,
-sample counts), from which `data=streaming` takes `input_shape` and `num_classes`. Streaming keeps only a bounded
-cache of chunks on local disk (`data.max_cache_size`), reads with worker processes, hands each rank of a DDP run its
-own share of every epoch, and saves the loader's position in the checkpoint, so a run resumed mid-epoch goes on
-with the samples the interrupted one had not seen.
+sample counts; a text's vocabulary and block size), from which the data configs take `input_shape` and `num_classes`
+(`vocab` and `block_size`). Streaming keeps only a bounded cache of chunks on local disk (`data.max_cache_size`),
+reads with worker processes, hands each rank of a DDP run its own share of every epoch, and saves the loader's
+position in the checkpoint, so a run resumed mid-epoch goes on with the samples the interrupted one had not seen.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,21 +37,33 @@ SPLITS = ("train", "val", "test")
 
 
 class _Decode:
-    """A stored sample as the model reads it: uint8 images to floats in [0, 1], the target a class (or, for a
-    regression table, a float); picklable for loader workers."""
+    """A stored sample as the model reads it: uint8 images to floats in [0, 1] (`signed`: in [-1, 1], a tanh
+    generator's range), a text window's character ids (`tokens`) as longs, the target a class (or, for a regression
+    table, a float); picklable for loader workers."""
 
-    def __init__(self, scale: float, regression: bool = False) -> None:
+    def __init__(self, scale: float, regression: bool = False, signed: bool = False, tokens: bool = False) -> None:
         self.scale, self.target_type = scale, torch.float32 if regression else torch.long
+        self.signed, self.tokens = signed, tokens
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(sample["x"])
-        x = x.float() * self.scale if x.dtype == torch.uint8 else x.float()
+        if self.tokens:
+            x = x.long()
+        elif x.dtype == torch.uint8:
+            # divided, not multiplied by the scale: bit for bit the floats of torchvision's ToTensor
+            x = x.float().div(round(1 / self.scale))
+            x = 2.0 * x - 1.0 if self.signed else x  # as zoo.data.gan maps the in-memory images
+        else:
+            x = x.float()
         return x, torch.as_tensor(sample["y"], dtype=self.target_type)
 
 
 class StreamingDataModule(L.LightningDataModule):
     """Samples streamed from `prepare`'s chunks with LitData's StreamingDataset and loader: classes, or a regression
     table's standardized target (`target_scale`, its training mean and std from zoo.json, maps predictions back)."""
+
+    formats: tuple[str, ...] = ("image_folder", "tensor", "csv")  # the `prepare --format`s this module reads
+    config = "data=streaming"
 
     def __init__(
         self,
@@ -78,16 +94,29 @@ class StreamingDataModule(L.LightningDataModule):
         self.target_scale: tuple[float, float] | None = None
         if "://" not in self.path:
             meta = read_meta(self.path)
-            if list(self.input_shape) != list(meta["input_shape"]) or self.num_classes != meta["num_classes"]:
-                raise UserError(
-                    f"data.input_shape/num_classes: {list(self.input_shape)}/{self.num_classes} given, but "
-                    f"'{self.path}' holds {meta['input_shape']}/{meta['num_classes']}"
-                )
+            self._check_meta(meta)
             self.scale = float(meta.get("scale", self.scale))
             if meta.get("target_scale") is not None:
                 self.target_scale = (float(meta["target_scale"][0]), float(meta["target_scale"][1]))
         self.loaders: dict[str, Any] = {}
         self.train_position: dict[str, Any] | None = None  # the training loader's place, from a checkpoint
+
+    def _check_meta(self, meta: dict[str, Any]) -> None:
+        """Refuses prepared data this module cannot read, or that the config describes otherwise."""
+        data_format = meta.get("format")
+        if data_format not in self.formats:
+            raise UserError(
+                f"data.path: '{self.path}' holds '{data_format}' data (its zoo.json); {self.config} reads "
+                f"python -m zoo.data.prepare --format {' or '.join(self.formats)}"
+            )
+        if list(self.input_shape) != list(meta["input_shape"]) or self.num_classes != meta["num_classes"]:
+            raise UserError(
+                f"data.input_shape/num_classes: {list(self.input_shape)}/{self.num_classes} given, but "
+                f"'{self.path}' holds {meta['input_shape']}/{meta['num_classes']}"
+            )
+
+    def _transform(self) -> _Decode:
+        return _Decode(self.scale, regression=self.target_scale is not None)
 
     def _split_dir(self, split: str) -> str:
         return f"{self.path.rstrip('/')}/{split}"
@@ -107,7 +136,7 @@ class StreamingDataModule(L.LightningDataModule):
             # None: LitData's default, which under DDP drops the last samples so that every rank takes as many
             # batches (a rank with one more would wait for the others forever)
             drop_last=(True if self.drop_last else None) if shuffle else False,
-            transform=_Decode(self.scale, regression=self.target_scale is not None),
+            transform=self._transform(),
             **options,
         )
         return dataset
@@ -152,6 +181,98 @@ class StreamingDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> Any:
         return self._loader("test", train=False)
+
+
+class StreamingGANDataModule(StreamingDataModule):
+    """Images streamed in [-1, 1], a tanh generator's range, for the GAN family; the labels stay for the scoring
+    classifier.
+
+    That classifier (zoo.metrics.scorer) learns from images in memory, so it gets `scoring_sample()`: at most
+    `score_samples` images of each split, drawn without replacement by `score_seed`, never the whole stream. Its cache
+    key holds `path`, `score_samples` and `score_seed` beside a digest of the drawn images. Validation and test score
+    every streamed image of their split.
+    """
+
+    formats = ("image_folder", "tensor")
+    config = "data=streaming_gan"
+
+    def __init__(
+        self,
+        path: str,
+        input_shape: Sequence[int],
+        num_classes: int,
+        name: str = "streaming",
+        score_samples: int = 5000,
+        score_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(score_samples, bool) or not isinstance(score_samples, int) or score_samples < 1:
+            raise UserError(f"data.score_samples: expected an integer >= 1, got {score_samples!r}")
+        super().__init__(path, input_shape, num_classes, **kwargs)
+        self.name, self.score_samples, self.score_seed = name, score_samples, int(score_seed)
+        self._scoring: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _check_meta(self, meta: dict[str, Any]) -> None:
+        super()._check_meta(meta)
+        shape, scale = meta["input_shape"], float(meta.get("scale", 1.0))
+        if len(shape) != 3 or shape[0] not in (1, 3) or not math.isclose(scale, 1 / 255):
+            raise UserError(
+                f"data.path: '{self.path}' holds samples of shape {shape} stored as "
+                f"{'uint8' if math.isclose(scale, 1 / 255) else 'floats'}, not images; {self.config} reads uint8 "
+                "images (channels 1 or 3, height, width): prepare --format image_folder, or a tensor file of uint8"
+            )
+
+    def _transform(self) -> _Decode:
+        return _Decode(self.scale, signed=True)
+
+    def scoring_sample(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each split's bounded, seeded draw of images and labels, read once per run."""
+        if self._scoring is None:
+            self._scoring = {split: self._draw(split) for split in SPLITS}
+        return self._scoring
+
+    def _draw(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = self._dataset(split, shuffle=False)
+        total = sum(end - start for start, end in dataset.region_of_interest)  # of all ranks, unlike len(dataset)
+        chosen = np.random.default_rng(self.score_seed).choice(total, min(self.score_samples, total), replace=False)
+        # in index order, so that the chunks are read one after another
+        images, labels = zip(*(dataset[int(i)] for i in np.sort(chosen)), strict=True)
+        return torch.stack(images), torch.stack(labels)
+
+
+class StreamingTextDataModule(StreamingDataModule):
+    """A text's windows of block_size + 1 characters streamed from `prepare --format text`'s chunks, for the
+    character language models; the vocabulary and block size come from zoo.json (`vocab`, `block_size`)."""
+
+    formats = ("text",)
+    config = "data=streaming_text"
+
+    def __init__(self, path: str, vocab: Sequence[str], block_size: int, **kwargs: Any) -> None:
+        from zoo.data.char_lm import CharVocab
+
+        if "://" not in str(path):
+            meta = read_meta(str(path))
+            if meta.get("format") == "text" and int(block_size) != meta["block_size"]:
+                raise UserError(
+                    f"data.block_size: {block_size} given, but '{path}' holds windows of block_size "
+                    f"{meta['block_size']}; prepare the text again with --block-size {block_size}"
+                )
+            if meta.get("format") == "text" and list(vocab) != meta["vocab"]:
+                raise UserError(f"data.vocab: differs from the characters in '{path}/zoo.json'; leave it unset")
+        self.vocab, self.block_size = CharVocab(vocab), int(block_size)
+        super().__init__(path, [self.block_size + 1], len(self.vocab), **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def _transform(self) -> _Decode:
+        return _Decode(1.0, tokens=True)
+
+    def prompt(self, length: int) -> str:
+        """The first `length` characters of the validation text (its first window), as data=char_text has them."""
+        window, _ = self._dataset("val", shuffle=False)[0]
+        return self.vocab.decode(window[:length].tolist())
 
 
 @functools.cache
@@ -287,25 +408,64 @@ def _csv_splits(
     return splits, meta
 
 
+class _TextWindow:
+    """Window i of a text part, as character ids: computed from the text when it is written, not held as tensors."""
+
+    def __init__(self, text: str, index: dict[str, int], start: int, stride: int, length: int, dtype: Any) -> None:
+        self.text, self.index, self.start, self.dtype = text, index, start, dtype
+        self.stride, self.length = stride, length
+
+    def __call__(self, i: int) -> tuple[np.ndarray, int]:
+        first = self.start + i * self.stride
+        return np.array([self.index[c] for c in self.text[first : first + self.length]], dtype=self.dtype), 0
+
+
+def _text_splits(
+    source: Path, block_size: int, val_fraction: float, test_fraction: float
+) -> tuple[dict[str, tuple[Callable[[int], tuple[np.ndarray, int]], int]], dict[str, Any]]:
+    """A UTF-8 text's windows exactly as `data=char_text` (stride null) makes them: its end held out in order, windows
+    of block_size + 1 characters every block_size characters, the vocabulary every character of the whole text."""
+    from zoo.data.char_lm import CharVocab, read_text, text_bounds
+
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise UserError(f"prepare --block-size: expected an integer >= 1, got {block_size!r}")
+    text = read_text(str(source), key="prepare")
+    vocab = CharVocab.from_text(text)
+    dtype = np.int16 if len(vocab) <= np.iinfo(np.int16).max else np.int32
+    splits = {}
+    for split, part in text_bounds(len(text), block_size, val_fraction, test_fraction).items():
+        count = (len(part) - (block_size + 1)) // block_size + 1
+        splits[split] = (_TextWindow(text, vocab.index, part.start, block_size, block_size + 1, dtype), count)
+    meta = {"input_shape": [block_size + 1], "classes": [], "num_classes": len(vocab), "scale": 1.0}
+    return splits, meta | {"vocab": vocab.chars, "block_size": block_size}
+
+
 def prepare(
     source: str,
     out: str,
     data_format: str = "image_folder",
     image_size: int = 64,
     channels: int = 3,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
     split_seed: int = 0,
     chunk_bytes: str = "64MB",
     compression: str | None = None,
     num_workers: int = 1,
     target: str | None = None,
+    block_size: int = 128,
 ) -> dict[str, Any]:
-    """Write `source`'s splits as LitData chunks under `out/{train,val,test}` and describe them in `out/zoo.json`."""
+    """Write `source`'s splits as LitData chunks under `out/{train,val,test}` and describe them in `out/zoo.json`.
+
+    Unset fractions are those of the in-memory data config of the format: 0.05 and 0.05 of a text (data=char_text),
+    else 0.1 and 0.2."""
     from litdata import optimize
 
     from zoo.errors import check_split_fractions
 
+    default_val, default_test = (0.05, 0.05) if data_format == "text" else (0.1, 0.2)
+    val_fraction = default_val if val_fraction is None else val_fraction
+    test_fraction = default_test if test_fraction is None else test_fraction
     check_split_fractions(val_fraction, test_fraction)
     source_path, out_path = Path(source).expanduser(), Path(out).expanduser()
     if not source_path.exists():
@@ -318,8 +478,10 @@ def prepare(
         splits, meta = _tensor_splits(source_path, val_fraction, test_fraction, split_seed)
     elif data_format == "csv":
         splits, meta = _csv_splits(source_path, target, val_fraction, test_fraction, split_seed)
+    elif data_format == "text":
+        splits, meta = _text_splits(source_path, block_size, val_fraction, test_fraction)
     else:
-        raise UserError(f"prepare: --format {data_format!r} unknown; allowed: image_folder, tensor, csv")
+        raise UserError(f"prepare: --format {data_format!r} unknown; allowed: image_folder, tensor, csv, text")
     out_path.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, (read, count) in splits.items():

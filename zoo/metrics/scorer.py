@@ -40,6 +40,10 @@ SPLIT_SETTINGS = (
     "train_per_class",
     "image_size",
     "pad",
+    # a streamed dataset (data=streaming_gan): where it lies and which bounded draw of it the scorer learns from
+    "path",
+    "score_samples",
+    "score_seed",
 )
 # the classifier's own training settings, with the defaults `load_or_train_scorer` applies
 TRAINING_SETTINGS = {
@@ -111,12 +115,19 @@ def _tensor_digest(*tensors: torch.Tensor) -> str:
     return hasher.hexdigest()
 
 
+def scoring_splits(datamodule: Any) -> Any:
+    """The images the scorer learns from and the floor draws: an in-memory datamodule's splits, or a streamed one's
+    bounded, seeded draw of each split (`data.score_samples`), so that scoring never reads a whole stream."""
+    draw = getattr(datamodule, "scoring_sample", None)
+    return draw() if callable(draw) else getattr(datamodule, "splits", None)
+
+
 def scorer_key(spec: Mapping[str, Any], datamodule: Any) -> dict[str, Any]:
     """Everything that changes what a cached scorer is trained on: the datamodule's class and name, its split
     settings, a digest of the training images and labels (which also covers settings this list does not name, and
     the data files themselves), the classes, and the classifier's own training settings. `datamodule` must be set
     up (its `splits` filled)."""
-    x, y = datamodule.splits["train"]
+    x, y = scoring_splits(datamodule)["train"]
     return {
         "datamodule": type(datamodule).__name__,
         "name": _plain(getattr(datamodule, "name", None)),
@@ -155,7 +166,8 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
     """
     datamodule.setup("fit")
     path = cached_scorer_path(spec, datamodule)
-    x, y = datamodule.splits["train"]
+    splits = scoring_splits(datamodule)
+    x, y = splits["train"]
     data = f"{type(datamodule).__name__} {list(x.shape)}"  # what the scorer was trained on
     key = scorer_key(spec, datamodule)
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -166,7 +178,7 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
             return load_scorer(path, device, data, list(x.shape[1:]), int(datamodule.num_classes), key)
     if path is not None and path.suffix == ".ckpt":
         raise UserError(f"model.scorer.ckpt_path: no classifier checkpoint at '{path}'")
-    x_val, y_val = datamodule.splits["val"]
+    x_val, y_val = splits["val"]
     kwargs = {
         "input_shape": list(x.shape[1:]),
         "num_classes": int(datamodule.num_classes),
@@ -180,7 +192,7 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
         net = CNN(**kwargs).to(device)
         steps = _fit_classifier(net, x.to(device), y.to(device), spec, max_steps)
     net.eval()
-    held_out = datamodule.splits.get("test", (x_val, y_val))[:2]  # reported, never used to choose anything
+    held_out = splits.get("test", (x_val, y_val))[:2]  # reported, never used to choose anything
     accuracy, blur_accuracy = (_accuracy(net, held_out[0].to(device), held_out[1].to(device), s) for s in (0, 1))
     log.info(
         "scoring classifier: %d steps, accuracy on held-out images %.4f, blurred (sigma %g) %.4f",
@@ -214,7 +226,7 @@ def real_floor(scorer: DomainScorer, datamodule: Any, real_features: torch.Tenso
     in memory, the two halves of the test images against each other (a floor at half the count)."""
     from zoo.metrics.generative import frechet_distance
 
-    splits = getattr(datamodule, "splits", None)
+    splits = scoring_splits(datamodule)
     train = splits.get("train") if isinstance(splits, Mapping) else None
     if train is None:
         return frechet_distance(real_features[0::2], real_features[1::2])

@@ -20,10 +20,12 @@ from zoo.tasks import figures
 
 if TYPE_CHECKING:
     from zoo.data.char_lm import CharTextDataModule
+    from zoo.data.streaming import StreamingTextDataModule
 
 
 class CharLMTask(L.LightningModule):
-    """Trains a language model (zoo.nn.transformer.DecoderLM, zoo.nn.rnn.RNNLanguageModel) on a CharTextDataModule.
+    """Trains a language model (zoo.nn.transformer.DecoderLM, zoo.nn.rnn.RNNLanguageModel) on a CharTextDataModule
+    (or its windows streamed from chunks, zoo.data.streaming.StreamingTextDataModule).
 
     Logs `train/loss`, `val/loss`, `val/bpc` (loss / ln 2), `val/ppl` (exp loss), `val/ppl_best`, `test/*`,
     and after every validation a sampled continuation to TensorBoard's text tab. The vocabulary is a buffer
@@ -35,7 +37,7 @@ class CharLMTask(L.LightningModule):
 
     def __init__(
         self,
-        data: CharTextDataModule,
+        data: CharTextDataModule | StreamingTextDataModule,
         net: nn.Module | Callable[..., nn.Module],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
@@ -47,7 +49,10 @@ class CharLMTask(L.LightningModule):
     ) -> None:
         super().__init__()
         if not hasattr(data, "vocab"):
-            raise UserError(f"model: a language model needs text data, data=char_text, not {type(data).__name__}")
+            raise UserError(
+                f"model: a language model needs text data, data=char_text or data=streaming_text, "
+                f"not {type(data).__name__}"
+            )
         self.net = net if isinstance(net, nn.Module) else net(vocab_size=data.vocab_size, block_size=data.block_size)
         if tbptt_steps is not None and (tbptt_steps < 1 or not hasattr(self.net, "forward_state")):
             raise UserError(
@@ -62,7 +67,7 @@ class CharLMTask(L.LightningModule):
         self.make_optimizer, self.make_scheduler, self.monitor = optimizer, scheduler, monitor
         self.register_buffer("vocab_codes", torch.tensor([ord(c) for c in data.vocab.chars], dtype=torch.long))
         self.sample_tokens, self.sample_temperature, self.sample_top_k = sample_tokens, sample_temperature, sample_top_k
-        self.sample_prompt = data.vocab.decode(data.text_parts["val"][: min(32, data.block_size // 2)].tolist())
+        self.sample_prompt = data.prompt(min(32, data.block_size // 2))
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_ppl_best = MinMetric()
         self.val_ppl_best.persistent(True)  # part of the checkpoint, so a resumed run keeps its best

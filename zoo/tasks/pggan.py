@@ -258,6 +258,8 @@ class PGGANTask(AdversarialTask):
         )
         if trainer.world_size > 1:
             raise UserError("trainer.devices: PGGAN draws its own batches and trains on one device; allowed: 1")
+        if trainer.datamodule is not None:  # before the scoring classifier trains, not at the first batch
+            require_images_in_memory(trainer.datamodule)
         return []
 
     def configure_optimizers(self) -> Any:
@@ -292,11 +294,7 @@ class PGGANTask(AdversarialTask):
         """The next `batch_size` images of a stream of shuffled passes over the training set (pass e shuffled by
         (shuffle_seed, e)), at the phase's resolution and fade."""
         if self._train_images is None or self._train_images.device != self.device:
-            datamodule = self.trainer.datamodule
-            splits = getattr(datamodule, "splits", None)
-            if not splits or "train" not in splits:
-                raise UserError("data: PGGAN needs an in-memory datamodule with a train split (data.splits['train'])")
-            train = splits["train"]
+            train = require_images_in_memory(self.trainer.datamodule)
             self._train_images = (train[0] if isinstance(train, (tuple, list)) else train).to(self.device)
         total = len(self._train_images)
         positions = torch.arange(phase.images, phase.images + phase.batch_size)
@@ -432,3 +430,15 @@ class PGGANTask(AdversarialTask):
         seconds = checkpoint.get("pggan", {}).get("phase_seconds")
         if seconds is not None and len(seconds) == len(self.phase_seconds):
             self.phase_seconds = [float(s) for s in seconds]
+
+
+def require_images_in_memory(datamodule: Any) -> Any:
+    """The training split PGGAN draws its batches from by index (None before the datamodule is set up); a stream
+    (data=streaming_gan) has none to index."""
+    splits = getattr(datamodule, "splits", None)
+    if splits is None or (splits and "train" not in splits):
+        raise UserError(
+            "data: PGGAN needs an in-memory datamodule with a train split (data.splits['train']), "
+            f"not {type(datamodule).__name__}; allowed: data=mnist5k_pggan, cifar10_pggan, image_folder_gan"
+        )
+    return splits.get("train")
