@@ -154,6 +154,34 @@ def test_the_text_stream_holds_char_texts_windows(text_file: Path, text_chunks: 
     assert stream.prompt(8) == memory.prompt(8) == TEXT[int(len(TEXT) * 0.9) :][:8]
 
 
+def test_a_text_is_prepared_in_parts_with_the_windows_of_reading_it_whole(tmp_path: Path, monkeypatch) -> None:
+    """Parts of 7 characters: CRLF pairs and multi-byte characters fall across part boundaries, and the windows, the
+    vocabulary and the error for a bad byte past the first part are those of reading the whole file."""
+    from zoo.data import streaming
+    from zoo.data.char_lm import CharTextDataModule
+
+    monkeypatch.setattr(streaming, "TEXT_PART_CHARS", 7)
+    text = "".join(f"Ünïcode {n} → 日本語 line\r\n" for n in range(60))
+    source = tmp_path / "crlf.txt"
+    source.write_bytes(text.encode("utf-8"))
+    meta = streaming.prepare(str(source), str(tmp_path / "out"), data_format="text", block_size=BLOCK)
+    memory = CharTextDataModule(str(source), block_size=BLOCK)
+    assert meta["vocab"] == memory.vocab.chars and "\r" not in meta["vocab"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test", "train", "val", "zoo.json"]
+    stream = streaming.StreamingTextDataModule(str(tmp_path / "out"), meta["vocab"], BLOCK, batch_size=7, num_workers=0)
+    for split in ("train", "val", "test"):
+        streamed = sorted(tuple(w.tolist()) for windows, _ in getattr(stream, f"{split}_dataloader")() for w in windows)
+        assert streamed == sorted(tuple(w.tolist()) for w in memory.splits[split]), split
+    broken = text.encode("utf-8")[:99] + b"\xff" + text.encode("utf-8")[99:]
+    source.write_bytes(broken)
+    with pytest.raises(UnicodeDecodeError) as whole:
+        broken.decode("utf-8")
+    assert whole.value.start == 99
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 99\)"):
+        streaming.prepare(str(source), str(tmp_path / "again"), data_format="text", block_size=BLOCK)
+    assert not (tmp_path / "again").exists()
+
+
 def lm_config(tmp_path: Path, chunks: Path, *overrides: str, folder: str = "lm"):
     cfg = compose_config(
         "train",

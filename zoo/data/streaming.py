@@ -17,12 +17,13 @@ position in the checkpoint, so a run resumed mid-epoch goes on with the samples 
 
 from __future__ import annotations
 
+import codecs
 import functools
 import importlib.util
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -408,36 +409,118 @@ def _csv_splits(
     return splits, meta
 
 
-class _TextWindow:
-    """Window i of a text part, as character ids: computed from the text when it is written, not held as tensors."""
+# characters read at a time when a text is prepared: its vocabulary and ids come from passes over parts this long,
+# so memory stays bounded whatever the file's size
+TEXT_PART_CHARS = 1 << 20
+# the text's character ids while its windows are written (a file in the output folder, removed after)
+TEXT_IDS = "text_ids.tmp"
 
-    def __init__(self, text: str, index: dict[str, int], start: int, stride: int, length: int, dtype: Any) -> None:
-        self.text, self.index, self.start, self.dtype = text, index, start, dtype
-        self.stride, self.length = stride, length
+
+def _text_parts(file: Path) -> Iterator[str]:
+    """The text in parts, decoded and its newlines translated as Path.read_text (data=char_text) does."""
+    with file.open(encoding="utf-8") as stream:
+        while part := stream.read(TEXT_PART_CHARS):
+            yield part
+
+
+def _first_bad_byte(file: Path) -> int:
+    """The offset of the first byte that is not UTF-8, found without holding the file."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with file.open("rb") as stream:
+        while block := stream.read(1 << 24):
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                return offset - pending + error.start
+            offset += len(block)
+    pending = len(decoder.getstate()[0])
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        return offset - pending + error.start
+    return offset
+
+
+def _text_vocab(file: Path) -> tuple[list[str], int]:
+    """Every character of the text (sorted) and its length in characters; an empty, undecodable or binary file is
+    the user's error in one line, as `read_text` words it."""
+    chars: set[str] = set()
+    length, binary = 0, False
+    try:
+        for part in _text_parts(file):
+            chars.update(part)
+            length += len(part)
+            binary = binary or "\x00" in part
+    except UnicodeDecodeError as error:
+        problem = f"is not UTF-8 text (byte {_first_bad_byte(file)}); allowed: a UTF-8 text file"
+        raise UserError(f"prepare: '{file}' {problem}") from error
+    if length == 0:
+        raise UserError(f"prepare: '{file}' is empty; a language model needs some text")
+    if binary:  # valid UTF-8, but a binary file (or UTF-16 text): its characters would mean nothing
+        raise UserError(f"prepare: '{file}' holds NUL characters, so it is binary; allowed: a UTF-8 text file")
+    return sorted(chars), length
+
+
+def _write_text_ids(file: Path, chars: list[str], length: int, ids_path: Path, dtype: Any) -> None:
+    """The text's character ids into a raw file, part by part (plain writes, not a memory map, whose written pages
+    the process would hold): a character's id is its place among the sorted code points of the vocabulary."""
+    code_points = np.array([ord(c) for c in chars], dtype=np.uint32)
+    written = 0
+    with ids_path.open("wb") as out:
+        for part in _text_parts(file):
+            points = np.frombuffer(part.encode("utf-32-le"), dtype=np.uint32)
+            part_ids = np.searchsorted(code_points, points).clip(max=len(chars) - 1)
+            written += len(points)
+            if written > length or not np.array_equal(code_points[part_ids], points):
+                raise UserError(f"prepare: '{file}' changed while it was read; prepare it again")
+            out.write(part_ids.astype(dtype).tobytes())
+    if written != length:
+        raise UserError(f"prepare: '{file}' changed while it was read; prepare it again")
+
+
+class _TextWindow:
+    """Window i of a text part, as character ids read from the ids file when it is written; picklable for writer
+    processes (each opens the file itself)."""
+
+    def __init__(self, ids_path: Path, dtype: Any, start: int, stride: int, length: int) -> None:
+        self.ids_path, self.dtype, self.start, self.stride, self.length = ids_path, dtype, start, stride, length
+        self.ids: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"ids": None}
 
     def __call__(self, i: int) -> tuple[np.ndarray, int]:
-        first = self.start + i * self.stride
-        return np.array([self.index[c] for c in self.text[first : first + self.length]], dtype=self.dtype), 0
+        if self.ids is None:
+            self.ids = self.ids_path.open("rb")
+        itemsize = np.dtype(self.dtype).itemsize
+        self.ids.seek((self.start + i * self.stride) * itemsize)
+        return np.frombuffer(self.ids.read(self.length * itemsize), dtype=self.dtype).copy(), 0
 
 
 def _text_splits(
-    source: Path, block_size: int, val_fraction: float, test_fraction: float
+    source: Path, block_size: int, val_fraction: float, test_fraction: float, out: Path
 ) -> tuple[dict[str, tuple[Callable[[int], tuple[np.ndarray, int]], int]], dict[str, Any]]:
     """A UTF-8 text's windows exactly as `data=char_text` (stride null) makes them: its end held out in order, windows
-    of block_size + 1 characters every block_size characters, the vocabulary every character of the whole text."""
-    from zoo.data.char_lm import CharVocab, read_text, text_bounds
+    of block_size + 1 characters every block_size characters, the vocabulary every character of the whole text.
+    The text is read in parts, twice (vocabulary, then ids into `out`), never whole: it may be larger than memory."""
+    from zoo.data.char_lm import text_bounds
 
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise UserError(f"prepare --block-size: expected an integer >= 1, got {block_size!r}")
-    text = read_text(str(source), key="prepare")
-    vocab = CharVocab.from_text(text)
-    dtype = np.int16 if len(vocab) <= np.iinfo(np.int16).max else np.int32
+    if not source.is_file():
+        raise UserError(f"prepare: '{source}' is not a file; allowed: a UTF-8 text file")
+    chars, length = _text_vocab(source)
+    bounds = text_bounds(length, block_size, val_fraction, test_fraction)
+    dtype = np.int16 if len(chars) <= np.iinfo(np.int16).max else np.int32
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text_ids(source, chars, length, out / TEXT_IDS, dtype)
     splits = {}
-    for split, part in text_bounds(len(text), block_size, val_fraction, test_fraction).items():
+    for split, part in bounds.items():
         count = (len(part) - (block_size + 1)) // block_size + 1
-        splits[split] = (_TextWindow(text, vocab.index, part.start, block_size, block_size + 1, dtype), count)
-    meta = {"input_shape": [block_size + 1], "classes": [], "num_classes": len(vocab), "scale": 1.0}
-    return splits, meta | {"vocab": vocab.chars, "block_size": block_size}
+        splits[split] = (_TextWindow(out / TEXT_IDS, dtype, part.start, block_size, block_size + 1), count)
+    meta = {"input_shape": [block_size + 1], "classes": [], "num_classes": len(chars), "scale": 1.0}
+    return splits, meta | {"vocab": chars, "block_size": block_size}
 
 
 def prepare(
@@ -479,27 +562,30 @@ def prepare(
     elif data_format == "csv":
         splits, meta = _csv_splits(source_path, target, val_fraction, test_fraction, split_seed)
     elif data_format == "text":
-        splits, meta = _text_splits(source_path, block_size, val_fraction, test_fraction)
+        splits, meta = _text_splits(source_path, block_size, val_fraction, test_fraction, out_path)
     else:
         raise UserError(f"prepare: --format {data_format!r} unknown; allowed: image_folder, tensor, csv, text")
     out_path.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for split, (read, count) in splits.items():
-        if count == 0:
-            raise UserError(f"prepare: the {split} split of '{source}' is empty; change the split fractions")
-        optimize(
-            fn=_Sample(read),
-            inputs=list(range(count)),
-            output_dir=str(out_path / split),
-            chunk_bytes=chunk_bytes,
-            compression=compression,
-            num_workers=num_workers,
-            # fork, as a DataLoader's workers do on Linux: spawn would import torch again in every writer, and
-            # LitData sets the start method for the whole process
-            start_method="fork" if sys.platform == "linux" else None,
-            verbose=False,
-        )
-        counts[split] = count
+    try:
+        for split, (read, count) in splits.items():
+            if count == 0:
+                raise UserError(f"prepare: the {split} split of '{source}' is empty; change the split fractions")
+            optimize(
+                fn=_Sample(read),
+                inputs=list(range(count)),
+                output_dir=str(out_path / split),
+                chunk_bytes=chunk_bytes,
+                compression=compression,
+                num_workers=num_workers,
+                # fork, as a DataLoader's workers do on Linux: spawn would import torch again in every writer, and
+                # LitData sets the start method for the whole process
+                start_method="fork" if sys.platform == "linux" else None,
+                verbose=False,
+            )
+            counts[split] = count
+    finally:
+        (out_path / TEXT_IDS).unlink(missing_ok=True)
     meta.setdefault("num_classes", len(meta["classes"]))
     meta |= {"samples": counts, "format": data_format, "source": str(source_path)}
     (out_path / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
