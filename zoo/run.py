@@ -35,6 +35,9 @@ def train(cfg: DictConfig) -> float | None:
 
     Returns `cfg.optimized_metric` (its mean over folds), the value sweeps and Optuna optimize.
     """
+    resume_from = cfg.get("ckpt_path")
+    if resume_from and not Path(str(resume_from)).is_file():  # before seconds of building data, model and trainer
+        raise UserError(f"ckpt_path: no file at '{resume_from}'")
     output_dir = Path(cfg.paths.output_dir)
     _start(cfg, output_dir)
     folds = (cfg.get("cv") or {}).get("folds", 1)
