@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, compose_config, table
+from common import ROOT, compose_config, environment, table
 
 QUIET = ["extras.print_config=false"]
 
@@ -209,6 +209,7 @@ def main() -> None:
         "--regression", action="store_true", help="also the neural regressors beside LinearRegression and XGBoost"
     )
     args = parser.parse_args()
+    print(environment(), flush=True)
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     unknown = [e for e in experiments if e not in TARGETS]
     if unknown:

@@ -74,6 +74,46 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+def environment() -> str:
+    """One line naming what the figures below were measured on: the same recipe moves with the machine and the
+    libraries' builds, so a table without it cannot be compared with a later one."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    import lightning
+    import numpy
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    commit += " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    threads = os.environ.get("OMP_NUM_THREADS")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"environment: {now}; commit {commit}; Python {platform.python_version()}, torch {torch.__version__} "
+        f"({build}), lightning {lightning.__version__}, numpy {numpy.__version__}; CPU {cpu}, {os.cpu_count()} "
+        f"cores ({usable} usable){f', OMP_NUM_THREADS={threads}' if threads else ''}; GPU {gpu}"
+    )
+
+
 def mean_std(values: Sequence[float], digits: int = 4) -> str:
     """`mean ± sample std` (the std is left out for a single value)."""
     mean = statistics.fmean(values)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import QUIET, compose_config, mean_std, quiet_lightning
+from common import QUIET, compose_config, environment, mean_std, quiet_lightning
 from omegaconf import DictConfig
 
 if TYPE_CHECKING:
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    print(environment(), flush=True)
     import torch
 
     from zoo.metrics.scorer import REPORTED_BLUR_SIGMA

@@ -38,6 +38,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from common import environment
 from omegaconf import DictConfig, open_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -340,6 +341,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args()
+    print(environment(), flush=True)
     # imported before the log levels and warning filters below, which must override what these set on import
     import gymnasium  # noqa: F401
     import lightning.pytorch  # noqa: F401

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import environment
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 TIMEOUT = 300.0  # seconds a subprocess, or a wait for one of its files, may take before the cell gives up
@@ -762,6 +764,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="cells at once (each runs one-thread subprocesses)")
     parser.add_argument("--tmp", default=None, help="keep every run folder and log here (default: a temporary one)")
     args = parser.parse_args()
+    print(environment(), flush=True)
     families = [f for f in FAMILIES if f.name in split_list(args.families, names, "--families", parser)]
     faults = split_list(args.faults, list(FAULTS), "--faults", parser)
     tables = split_list(args.tables, ["1", "2"], "--tables", parser)

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import QUIET, compose_config, mean_std, quiet_lightning, table, train_quietly
+from common import QUIET, compose_config, environment, mean_std, quiet_lightning, table, train_quietly
 
 PRETRAIN_SEED = 0
 
@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--output-dir", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
+    print(environment(), flush=True)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:

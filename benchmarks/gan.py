@@ -35,7 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import CONFIG_DIR, compose_config, real_and_noise_scores
+from common import CONFIG_DIR, compose_config, environment, real_and_noise_scores
 from common import QUIET as COMMON_QUIET
 from omegaconf import DictConfig, open_dict
 
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    print(environment(), flush=True)
     import torch
 
     quiet_worker(args.threads)

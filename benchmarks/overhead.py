@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import compose_config, quiet_lightning, table
+from common import compose_config, environment, quiet_lightning, table
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 if TYPE_CHECKING:
@@ -419,6 +419,7 @@ def main() -> None:
         "--override", action="append", default=[], help="extra Hydra override for the zoo side, e.g. scheduler=..."
     )
     args = parser.parse_args()
+    print(environment(), flush=True)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common import QUIET as COMMON_QUIET
-from common import compose_config, real_and_noise_scores
+from common import compose_config, environment, real_and_noise_scores
 
 QUIET = [*COMMON_QUIET, "logger=none"]
 SCORES = ("fid", "coverage", "kl_uniform", "confidence")
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    print(environment(), flush=True)
     quiet()
     overrides = [f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", *args.override]
     if args.images_per_phase is not None:

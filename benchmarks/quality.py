@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import CONFIG_DIR, QUIET, compose_config, quiet_lightning, table, train_quietly
+from common import CONFIG_DIR, QUIET, compose_config, environment, quiet_lightning, table, train_quietly
 from omegaconf import DictConfig
 
 
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--output-dir", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
+    print(environment(), flush=True)
 
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     known = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

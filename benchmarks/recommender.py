@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import QUIET, compose_config, mean_std, quiet_lightning, table, train_quietly
+from common import QUIET, compose_config, environment, mean_std, quiet_lightning, table, train_quietly
 
 if TYPE_CHECKING:
     import numpy as np
@@ -378,6 +378,7 @@ def main() -> None:
         "--nested", action="store_true", help="MovieLens: also choose settings per fold on validation inside it"
     )
     args = parser.parse_args()
+    print(environment(), flush=True)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     import torch
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common import QUIET as COMMON_QUIET
-from common import compose_config, mean_std, quiet_lightning, table
+from common import compose_config, environment, mean_std, quiet_lightning, table
 
 QUIET = [*COMMON_QUIET, "logger=none"]
 # MNIST-1D paper (Greydanus 2020), test accuracy
@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
     parser.add_argument("--output-dir", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
+    print(environment(), flush=True)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - {"mnist1d", "lm", "seq2seq"}
     if unknown:

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, table
+from common import ROOT, environment, table
 
 BENCHMARKS = Path(__file__).resolve().parent
 SCALES = (1, 2, 4)
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps in each of the two epochs")
     parser.add_argument("--families", default="classification,lm")
     args = parser.parse_args()
+    print(environment(), flush=True)
     families = args.families.split(",")
     header = ["case", "in memory steps/s", "in memory peak MiB", "streamed steps/s", "streamed peak MiB"]
     rows = [header]

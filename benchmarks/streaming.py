@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import table
+from common import environment, table
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 10
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes (their memory not counted)")
     parser.add_argument("--kinds", default="memory,files,streaming")
     args = parser.parse_args()
+    print(environment(), flush=True)
     from zoo.data.streaming import prepare
 
     kinds = args.kinds.split(",")

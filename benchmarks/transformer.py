@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common import QUIET as COMMON_QUIET
-from common import compose_config
+from common import compose_config, environment
 from omegaconf import open_dict
 
 QUIET = [*COMMON_QUIET, "logger=none"]
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--output-dir", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
+    print(environment(), flush=True)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if parts - {"mnist1d", "seq2seq", "lm"}:
         parser.error(f"--parts: unknown {', '.join(sorted(parts - {'mnist1d', 'seq2seq', 'lm'}))}")

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import QUIET, ROOT, compose_config, mean_std, quiet_lightning, table
+from common import QUIET, ROOT, compose_config, environment, mean_std, quiet_lightning, table
 
 DATA = ROOT / "data" / "word2vec"
 
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sgd-chunk", type=int, default=None, help="model.sgd_chunk (default: the model's)")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides of the zoo's run (ablations)")
     args = parser.parse_args(argv)
+    print(environment(), flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
     for path in (args.corpus, args.questions):
