@@ -180,6 +180,13 @@ def test_a_text_is_prepared_in_parts_with_the_windows_of_reading_it_whole(tmp_pa
     with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 99\)"):
         streaming.prepare(str(source), str(tmp_path / "again"), data_format="text", block_size=BLOCK)
     assert not (tmp_path / "again").exists()
+    # a file that changes between the two passes: refused, and the half-written ids file and folder are gone
+    source.write_text(text, encoding="utf-8")
+    passes = iter([text, text.replace("line", "lime")])
+    monkeypatch.setattr(streaming, "_text_parts", lambda file: iter([next(passes)]))
+    with pytest.raises(UserError, match="changed while it was read; prepare it again"):
+        streaming.prepare(str(source), str(tmp_path / "again"), data_format="text", block_size=BLOCK)
+    assert not (tmp_path / "again").exists()
 
 
 def lm_config(tmp_path: Path, chunks: Path, *overrides: str, folder: str = "lm"):

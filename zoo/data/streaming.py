@@ -490,6 +490,11 @@ class _TextWindow:
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"ids": None}
 
+    def close(self) -> None:
+        if self.ids is not None:
+            self.ids.close()
+            self.ids = None
+
     def __call__(self, i: int) -> tuple[np.ndarray, int]:
         if self.ids is None:
             self.ids = self.ids_path.open("rb")
@@ -513,8 +518,15 @@ def _text_splits(
     chars, length = _text_vocab(source)
     bounds = text_bounds(length, block_size, val_fraction, test_fraction)
     dtype = np.int16 if len(chars) <= np.iinfo(np.int16).max else np.int32
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _write_text_ids(source, chars, length, out / TEXT_IDS, dtype)
+    try:
+        _write_text_ids(source, chars, length, out / TEXT_IDS, dtype)
+    except BaseException:
+        (out / TEXT_IDS).unlink(missing_ok=True)
+        if created:
+            out.rmdir()
+        raise
     splits = {}
     for split, part in bounds.items():
         count = (len(part) - (block_size + 1)) // block_size + 1
@@ -585,6 +597,9 @@ def prepare(
             )
             counts[split] = count
     finally:
+        for read, _ in splits.values():
+            if isinstance(read, _TextWindow):
+                read.close()
         (out_path / TEXT_IDS).unlink(missing_ok=True)
     meta.setdefault("num_classes", len(meta["classes"]))
     meta |= {"samples": counts, "format": data_format, "source": str(source_path)}
