@@ -74,6 +74,18 @@ def test_candidate_scores_are_the_full_rankings_columns() -> None:
         assert torch.allclose(net(users, candidates), net.score_all(users).gather(1, candidates), atol=1e-6)
 
 
+def test_a_users_vector_is_the_last_position_of_the_full_encoding() -> None:
+    """Ranking runs the final block for the last position alone; it must equal the last row of encoding every
+    position (as training does), padded, unknown and full histories alike, with two heads and three blocks."""
+    torch.manual_seed(0)
+    net = SASRec(num_users=4, num_items=10, dim=8, max_length=5, blocks=3, heads=2, dropout=0.0).eval()
+    net.set_history(torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 3]), torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    users = torch.tensor([0, 1, 2, 3, -1])
+    with torch.no_grad():
+        sequences = torch.where((users >= 0)[:, None], net.history[users.clamp(min=0)], net.num_items)
+        assert torch.allclose(net.user_vectors(users), net.encode(sequences)[:, -1], atol=1e-6)
+
+
 def test_sasrec_learns_what_comes_next_where_popularity_cannot(train_config, tmp_path: Path) -> None:
     cfg = sasrec_config(train_config, tmp_path / "ml", "trainer.max_epochs=30", "optimizer.lr=5e-3")
     train(cfg)

@@ -51,6 +51,14 @@ class _Block(nn.Module):
         x = self.feed_forward_norm(x)
         return (x + self.feed_forward(x)) * real
 
+    def last(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The block's output at the last position alone, (batch, 1, dim): what ranking needs of the final block.
+        That position sees every key under the causal mask, so no mask is needed."""
+        queries = self.attention_norm(x[:, -1:])
+        x = queries + self.attention(queries, context=x)
+        x = self.feed_forward_norm(x)
+        return (x + self.feed_forward(x)) * real[:, -1:]
+
 
 class SASRec(KnownIds, nn.Module):
     """Item embeddings scaled by sqrt(dim) plus learned positions, `blocks` causal blocks, a final LayerNorm.
@@ -100,20 +108,21 @@ class SASRec(KnownIds, nn.Module):
             self.history.device
         )
 
-    def encode(self, sequences: torch.Tensor) -> torch.Tensor:
-        """(batch, length) item indices, left-padded -> (batch, length, dim) hidden states, one per position."""
+    def encode(self, sequences: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(batch, length) item indices, left-padded -> (batch, length, dim) hidden states, one per position
+        (`last_only`: (batch, 1, dim), the last position's, the final block run for it alone)."""
         real = (sequences != self.num_items).unsqueeze(-1).to(self.items.weight.dtype)
         x = self.items(sequences) * self.dim**0.5 + self.positions.weight[-sequences.shape[1] :]
         x = self.input_dropout(x) * real
-        for block in self.blocks:
-            x = block(x, real)
+        for number, block in enumerate(self.blocks):
+            x = block.last(x, real) if last_only and number == len(self.blocks) - 1 else block(x, real)
         return self.final_norm(x)
 
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
         """The hidden state after each user's latest item; an unknown user (-1) reads an empty history."""
         sequences = self.history[users.clamp(min=0)]
         sequences = torch.where((users >= 0)[:, None], sequences, self.num_items)
-        return self.encode(sequences)[:, -1]
+        return self.encode(sequences, last_only=True)[:, -1]
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         vectors = self.user_vectors(users)
