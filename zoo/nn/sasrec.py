@@ -45,19 +45,13 @@ class _Block(nn.Module):
             nn.Linear(dim, dim), nn.Dropout(dropout), nn.ReLU(), nn.Linear(dim, dim), nn.Dropout(dropout)
         )
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        queries = self.attention_norm(x)
-        x = queries + self.attention(queries, context=x, causal=True)
+    def forward(self, x: torch.Tensor, real: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """`last_only`: the output at the last position alone, (batch, 1, dim), what ranking needs of the final
+        block; that position sees every key under the causal mask, so it needs no mask."""
+        queries = self.attention_norm(x[:, -1:] if last_only else x)
+        x = queries + self.attention(queries, context=x, causal=not last_only)
         x = self.feed_forward_norm(x)
-        return (x + self.feed_forward(x)) * real
-
-    def last(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """The block's output at the last position alone, (batch, 1, dim): what ranking needs of the final block.
-        That position sees every key under the causal mask, so no mask is needed."""
-        queries = self.attention_norm(x[:, -1:])
-        x = queries + self.attention(queries, context=x)
-        x = self.feed_forward_norm(x)
-        return (x + self.feed_forward(x)) * real[:, -1:]
+        return (x + self.feed_forward(x)) * (real[:, -1:] if last_only else real)
 
 
 class SASRec(KnownIds, nn.Module):
@@ -115,7 +109,7 @@ class SASRec(KnownIds, nn.Module):
         x = self.items(sequences) * self.dim**0.5 + self.positions.weight[-sequences.shape[1] :]
         x = self.input_dropout(x) * real
         for number, block in enumerate(self.blocks):
-            x = block.last(x, real) if last_only and number == len(self.blocks) - 1 else block(x, real)
+            x = block(x, real, last_only=last_only and number == len(self.blocks) - 1)
         return self.final_norm(x)
 
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
