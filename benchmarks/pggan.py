@@ -33,7 +33,7 @@ from common import QUIET as COMMON_QUIET
 from common import compose_config, environment, real_and_noise_scores
 
 QUIET = [*COMMON_QUIET, "logger=none"]
-SCORES = ("fid", "coverage", "kl_uniform", "confidence")
+SCORES = ("fid", "precision", "recall", "coverage", "kl_uniform", "confidence")
 
 
 def compose_run(seed: int, root: Path, overrides: list[str]) -> Any:
@@ -126,7 +126,8 @@ def main() -> None:
     overrides = [f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", *args.override]
     if args.images_per_phase is not None:
         overrides.append(f"model.images_per_phase={args.images_per_phase}")
-        sizes = set(compose_run(0, Path(tempfile.gettempdir()), overrides).model.batch_sizes)
+        batch_sizes = compose_run(0, Path(tempfile.gettempdir()), overrides).model.batch_sizes
+        sizes = {batch_sizes} if isinstance(batch_sizes, int) else set(batch_sizes)  # one integer serves all
         if len(sizes) == 1:  # one epoch per phase, as in the experiment: no steps past the schedule's end
             overrides.append(f"data.steps_per_epoch={math.ceil(args.images_per_phase / sizes.pop())}")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -161,7 +162,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
         f"\nPGGAN on {cfg.data.name}, resolutions {resolutions}, {cfg.model.images_per_phase} images per phase, "
-        f"batch sizes {list(cfg.model.batch_sizes)}; seeds {seeds}, device {device}, {threads}, jobs {args.jobs}"
+        f"batch sizes {cfg.model.batch_sizes}; seeds {seeds}, device {device}, {threads}, jobs {args.jobs}"
     )
     header = ["model", *SCORES, "run (s)"]
     lines = [header, ["---"] * len(header)]
