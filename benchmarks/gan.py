@@ -13,6 +13,7 @@ validation FID; a second row scores each run's last checkpoint.
     python benchmarks/gan.py                                   # 4 models x seeds 1,2 at each experiment's epochs
     python benchmarks/gan.py --models dcgan,sngan --epochs 20 --seeds 1
     python benchmarks/gan.py --models cgan --seeds 1,2,3 --threads 1
+    python benchmarks/gan.py --models dcgan,pggan --seeds 1   # PGGAN beside the floor and noise of its 32x32 scorer
     python benchmarks/gan.py --device cuda --epochs 50 --jobs 8  # the targets need long runs: use a GPU
     python benchmarks/gan.py --device cuda --models wgan_gp_std,sngan_std --jobs 4   # the recipes at their epochs
 
@@ -140,8 +141,15 @@ def quiet_worker(threads: int | None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
-def references(root: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
-    return real_and_noise_scores(compose_run("dcgan", 0, root, overrides))
+def references(root: Path, models: list[str], overrides: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Reference rows for each scoring classifier the models use, by data name: PGGAN's padded 32x32 digits have
+    their own classifier, so its floor and ceiling are not the 28x28 models'."""
+    refs: dict[str, dict[str, dict[str, float]]] = {}
+    for model in models:
+        cfg = compose_run(model, 0, root, overrides)
+        if cfg.data.name not in refs:
+            refs[cfg.data.name] = real_and_noise_scores(cfg)
+    return refs
 
 
 def summary(values: list[float]) -> str:
@@ -175,8 +183,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         root = Path(args.output_dir) if args.output_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         root.mkdir(parents=True, exist_ok=True)
-        refs = references(root, overrides)
-        runs = [(model, seed) for model in args.models.split(",") for seed in seeds]
+        models = args.models.split(",")
+        refs = references(root, models, overrides)
+        runs = [(model, seed) for model in models for seed in seeds]
         results = run_all(runs, root, overrides, args.jobs, args.threads)
         rows: dict[str, list[dict[str, float]]] = {}
         for model, seed in runs:  # in a fixed order, whichever finished first
@@ -184,8 +193,10 @@ def main() -> None:
 
     header = ["model", *SCORES, "fid 95% interval", "minutes / run", "s / 1k G steps", "G steps"]
     lines = [header, ["---"] * len(header)]
-    for name, scores in refs.items():
-        lines.append([name, *(f"{scores[s]:.3f}" if s in scores else "-" for s in SCORES), "", "", "", ""])
+    for data_name, rows_of_data in refs.items():
+        for name, scores in rows_of_data.items():
+            label = name if len(refs) == 1 else f"{name} ({data_name})"
+            lines.append([label, *(f"{scores[s]:.3f}" if s in scores else "-" for s in SCORES), "", "", "", ""])
     for model, runs in rows.items():
         cells = [summary([r[s] for r in runs if s in r]) for s in SCORES]
         low, high = (statistics.fmean(r[bound] for r in runs) for bound in ("fid_low", "fid_high"))
