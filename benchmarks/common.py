@@ -110,8 +110,37 @@ def environment() -> str:
     return (
         f"environment: {now}; commit {commit}; Python {platform.python_version()}, torch {torch.__version__} "
         f"({build}), lightning {lightning.__version__}, numpy {numpy.__version__}; CPU {cpu}, {os.cpu_count()} "
-        f"cores ({usable} usable){f', OMP_NUM_THREADS={threads}' if threads else ''}; GPU {gpu}"
+        f"cores ({usable} usable){f', OMP_NUM_THREADS={threads}' if threads else ''}; GPU {gpu}; {machine_speed()}"
     )
+
+
+def machine_speed() -> str:
+    """Two numbers that scale a table's times between machines: a one-thread float32 matrix product and a pure-Python
+    loop, measured now (so under the present load too). The CPU's name does not tell them: machines with the same
+    label have run four times apart."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+        a @ a  # warm-up
+        fastest = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ a
+            fastest = min(fastest, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    total = 0
+    for i in range(1_000_000):
+        total += i
+    loop = time.perf_counter() - start
+    gflops = 2 * 512**3 / fastest / 1e9
+    return f"speed: {gflops:.0f} GFLOP/s matrix product (1 thread), {1 / loop:.1f}M Python additions/s"
 
 
 def mean_std(values: Sequence[float], digits: int = 4) -> str:
