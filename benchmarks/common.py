@@ -114,6 +114,23 @@ def environment() -> str:
     )
 
 
+def exit_with_parent(interval: float = 2.0) -> None:
+    """In a worker process: exit once the process that started it is gone. Without it a benchmark whose main process
+    is killed (SIGTERM; Ctrl-C reaches the workers too) leaves its workers training to the end of their runs."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is handed to another parent
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def machine_speed() -> str:
     """Two numbers that scale a table's times between machines: a one-thread float32 matrix product and a pure-Python
     loop, measured now (so under the present load too). The CPU's name does not tell them: machines with the same

@@ -36,7 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import CONFIG_DIR, compose_config, environment, real_and_noise_scores
+from common import CONFIG_DIR, compose_config, environment, exit_with_parent, real_and_noise_scores
 from common import QUIET as COMMON_QUIET
 from omegaconf import DictConfig, open_dict
 
@@ -123,12 +123,17 @@ def run_all(
         return results
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=quiet_worker, initargs=(threads,)
+        jobs, mp_context=context, initializer=pool_worker, initargs=(threads,)
     ) as pool:
         futures = {pool.submit(run_one, model, seed, root, overrides): (model, seed) for model, seed in runs}
         for future in concurrent.futures.as_completed(futures):
             report(*futures[future], future.result())
     return results
+
+
+def pool_worker(threads: int | None) -> None:
+    exit_with_parent()
+    quiet_worker(threads)
 
 
 def quiet_worker(threads: int | None) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common import QUIET as COMMON_QUIET
-from common import compose_config, environment, real_and_noise_scores
+from common import compose_config, environment, exit_with_parent, real_and_noise_scores
 
 QUIET = [*COMMON_QUIET, "logger=none"]
 SCORES = ("fid", "precision", "recall", "coverage", "kl_uniform", "confidence")
@@ -148,7 +148,7 @@ def main() -> None:
 
         if args.jobs > 1:
             context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state in the workers
-            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context, initializer=exit_with_parent) as pool:
                 for future in as_completed([pool.submit(run_one, *job) for job in jobs]):
                     report(future.result())
         else:
