@@ -126,8 +126,11 @@ def main() -> None:
     overrides = [f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", *args.override]
     if args.images_per_phase is not None:
         overrides.append(f"model.images_per_phase={args.images_per_phase}")
-        batch_sizes = compose_run(0, Path(tempfile.gettempdir()), overrides).model.batch_sizes
-        sizes = {batch_sizes} if isinstance(batch_sizes, int) else set(batch_sizes)  # one integer serves all
+        from zoo.tasks.pggan import GrowthSchedule
+
+        model = compose_run(0, Path(tempfile.gettempdir()), overrides).model
+        # the model's own reading of model.batch_sizes: one integer or one per resolution
+        sizes = set(GrowthSchedule(list(model.resolutions), args.images_per_phase, model.batch_sizes).batch_sizes)
         if len(sizes) == 1:  # one epoch per phase, as in the experiment: no steps past the schedule's end
             overrides.append(f"data.steps_per_epoch={math.ceil(args.images_per_phase / sizes.pop())}")
     seeds = [int(s) for s in args.seeds.split(",")]
