@@ -287,6 +287,21 @@ def test_the_cache_path_changes_with_every_split_setting_and_only_with_them(tmp_
     assert cached_scorer_path(named, digits(split_seed=1)) == tmp_path / "mine.pt"
 
 
+def test_the_cached_scorer_is_the_same_whatever_the_thread_count(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            spec = {"ckpt_path": str(tmp_path / f"threads{count}.pt"), **SMALL_SCORER, "max_steps": 20}
+            load_or_train_scorer(spec, digits(), torch.device("cpu"), cache=True)
+            assert torch.get_num_threads() == count  # the caller's setting is restored
+            weights.append(torch.load(tmp_path / f"threads{count}.pt", weights_only=True)["state_dict"])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_a_run_with_another_split_trains_its_own_scorer(tmp_path: Path) -> None:
     spec = {"cache_dir": str(tmp_path / "scorers"), **SMALL_SCORER}
     load_or_train_scorer(spec, digits(), torch.device("cpu"), cache=True)

@@ -15,7 +15,8 @@ import io
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,7 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
         "dropout": float(spec.get("dropout", TRAINING_SETTINGS["dropout"])),
     }
     max_steps = spec.get("max_steps") if cache else 1
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), one_cpu_thread(device):
         torch.manual_seed(int(spec.get("seed", TRAINING_SETTINGS["seed"])))
         net = CNN(**kwargs).to(device)
         steps = _fit_classifier(net, x.to(device), y.to(device), spec, max_steps)
@@ -220,6 +221,21 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
 
 
 @torch.no_grad()
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Train on one thread on a CPU: a multi-threaded kernel's float sums depend on the thread count, so otherwise
+    the cached scorer (and every score read through it) would depend on how many threads the first run had."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def real_floor(scorer: DomainScorer, datamodule: Any, real_features: torch.Tensor, count: int, seed: int = 0) -> float:
     """The domain FID of `count` real training images (a fixed random draw) against the test images' features: what a
     perfect generator would score with as many samples as the generated ones. Where the data keeps no training split
