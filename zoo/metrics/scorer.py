@@ -136,6 +136,8 @@ def scorer_key(spec: Mapping[str, Any], datamodule: Any) -> dict[str, Any]:
         "train": {"shape": list(x.shape), "sha256": _tensor_digest(x, y)},
         "num_classes": int(datamodule.num_classes),
         "classifier": {k: _plain(spec.get(k, default)) for k, default in TRAINING_SETTINGS.items()},
+        # how a CPU trains it (one_cpu_thread): a scorer cached before that rule gets another name, and is trained again
+        "cpu_threads": 1,
     }
 
 
