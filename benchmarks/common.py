@@ -139,9 +139,9 @@ def machine_speed() -> str:
 
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from zoo.metrics.scorer import one_cpu_thread
+
+    with one_cpu_thread(torch.device("cpu")):
         a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
         a @ a  # warm-up
         fastest = float("inf")
@@ -149,8 +149,6 @@ def machine_speed() -> str:
             start = time.perf_counter()
             a @ a
             fastest = min(fastest, time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
     start = time.perf_counter()
     total = 0
     for i in range(1_000_000):

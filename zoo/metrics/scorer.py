@@ -222,11 +222,11 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
     return DomainScorer(net, (-1.0, 1.0), accuracy, blur_accuracy)
 
 
-@torch.no_grad()
 @contextmanager
 def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Train on one thread on a CPU: a multi-threaded kernel's float sums depend on the thread count, so otherwise
-    the cached scorer (and every score read through it) would depend on how many threads the first run had."""
+    """The block on one CPU thread (a no-op elsewhere): a multi-threaded kernel's float sums depend on the thread
+    count, so otherwise the cached scorer (and every score read through it) would depend on how many threads the
+    first run had."""
     if device.type != "cpu":
         yield
         return
@@ -238,6 +238,7 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@torch.no_grad()
 def real_floor(scorer: DomainScorer, datamodule: Any, real_features: torch.Tensor, count: int, seed: int = 0) -> float:
     """The domain FID of `count` real training images (a fixed random draw) against the test images' features: what a
     perfect generator would score with as many samples as the generated ones. Where the data keeps no training split
