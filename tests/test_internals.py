@@ -72,3 +72,27 @@ def test_summaries_and_batch_norm(tmp_path) -> None:
     assert accumulator.PluginTagToContent("hparams"), "the hparams summary reached the event file"
     assert internals.is_batch_norm(nn.BatchNorm2d(3)) and internals.is_batch_norm(nn.SyncBatchNorm(3))
     assert not internals.is_batch_norm(nn.LayerNorm(3))
+
+
+def test_the_zoo_checkpoint_callback_still_saves_every_n_training_steps(tmp_path) -> None:
+    """Its batch end skips Lightning's checks only when no step or time trigger is set."""
+    from zoo.callbacks import ModelCheckpoint
+
+    def saved(**trigger: int) -> list[str]:
+        folder = tmp_path / str(trigger)
+        callback = ModelCheckpoint(
+            dirpath=folder, filename="step_{step}", save_top_k=-1, auto_insert_metric_name=False, **trigger
+        )
+        trainer = L.Trainer(
+            max_epochs=5,
+            callbacks=[callback],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(Tiny())  # 2 epochs of 3 steps
+        return sorted(p.name for p in folder.glob("*.ckpt"))
+
+    assert saved(every_n_train_steps=2) == ["step_2.ckpt", "step_4.ckpt", "step_6.ckpt"]
+    assert saved(every_n_epochs=1) == ["step_3.ckpt", "step_6.ckpt"]

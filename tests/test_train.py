@@ -110,6 +110,17 @@ def test_last_checkpoint_is_the_newest_state_even_when_the_metric_stalls(train_c
     assert last["epoch"] == 2 and last["global_step"] == 6
 
 
+def test_the_zoo_checkpoint_callback_stores_its_state_under_lightnings_key() -> None:
+    """A checkpoint keys callback states by state_key: equal keys let runs saved with Lightning's class resume."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from zoo.callbacks import ModelCheckpoint as ZooModelCheckpoint
+
+    for settings in ({"monitor": "val/acc", "mode": "max"}, {"monitor": None, "every_n_epochs": 2}):
+        zoo_key = ZooModelCheckpoint(**settings).state_key
+        assert zoo_key == ModelCheckpoint(**settings).state_key, zoo_key
+
+
 def test_last_checkpoint_is_written_in_epochs_without_validation(train_config) -> None:
     """Validating every 2nd of 3 epochs, last.ckpt must still hold epoch 2, so a crash or max_time loses no epoch."""
     cfg = train_config(

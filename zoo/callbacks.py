@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelSummary
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.profilers import PassThroughProfiler
 
@@ -126,7 +128,12 @@ class DivergenceGuard(Callback):
         self._check_pending_and_logged(trainer)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        for name, value in pl_module.named_parameters():  # metric states such as a running max start at -inf
+        # metric states such as a running max start at -inf, so only the parameters are checked: first all at once
+        # (the largest magnitude is NaN or infinite exactly when some weight is; one read of the device per save)
+        weights = [value.detach() for value in pl_module.parameters()]
+        if not weights or math.isfinite(torch.nn.utils.get_total_norm(weights, norm_type=math.inf).item()):
+            return
+        for name, value in pl_module.named_parameters():
             if not torch.isfinite(value.detach()).all():
                 raise TrainingDiverged(
                     f"training diverged: weight {name} is not finite at epoch {trainer.current_epoch}, "
@@ -184,9 +191,19 @@ class LearningRates(Callback):
         for index, group in enumerate(groups):
             name = group.get("name") or ("lr" if len(groups) == 1 else f"lr_{index}")
             rates[f"train/{name}"] = float(group["lr"])
-        for logger in trainer.loggers:
-            logger.log_metrics(rates, step=batches_that_stepped(trainer))
-        trainer.callback_metrics.update({name: torch.tensor(rate) for name, rate in rates.items()})
+        write_step_metrics(trainer, rates)
+
+
+def write_step_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+    """What `self.log(name, value, on_step=True)` ends in, without its bookkeeping: the values go to every logger at
+    the step Lightning would write them at, and into `trainer.callback_metrics` for the callbacks that read them.
+
+    Through `self.log`, a value logged every `log_every_n_steps` batches costs about as much as a small network's
+    whole step each time.
+    """
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=batches_that_stepped(trainer))
+    trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
 
 
 class RngState(Callback):
@@ -348,10 +365,36 @@ class FrozenNormsInEval(Callback):
                 module.eval()
 
 
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ModelCheckpoint, cheaper at every training step.
+
+    Lightning builds a callback's `state_key` (here the class name and the repr of five settings) for every hook it
+    calls on it, even with no profiler: a dozen times a step for the two checkpoint callbacks. The settings in it
+    do not change after construction, so it is computed once; the class name is the same, so checkpoints of either
+    class load into the other. A batch end saves only with `every_n_train_steps` or `train_time_interval` set;
+    without them (the zoo's configs) it returns before reading the trainer's state.
+    """
+
+    @functools.cached_property
+    def state_key(self) -> str:  # type: ignore[override]
+        return super().state_key
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._every_n_train_steps >= 1 or self._train_time_interval is not None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 class PlateauStopping(EarlyStopping):
     """Lightning's early stopping, except for tasks that train for a budget rather than to a plateau: a task whose
     `stops_on_plateau` is False (DQN: its budget of environment steps and the policy it ends with; GANs, PGGAN and
-    CycleGAN: a schedule whose noisy image scores are not a loss that levels off) trains to its last epoch."""
+    CycleGAN: a schedule whose noisy image scores are not a loss that levels off) trains to its last epoch.
+
+    Its `state_key` is computed once, as ModelCheckpoint's above.
+    """
+
+    @functools.cached_property
+    def state_key(self) -> str:  # type: ignore[override]
+        return super().state_key
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if getattr(pl_module, "stops_on_plateau", True):
@@ -393,6 +436,6 @@ class GradNorm(Callback):
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if bool(torch.isfinite(norm)):
-                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            norm = torch.nn.utils.get_total_norm(grads).item()
+            if math.isfinite(norm):
+                write_step_metrics(trainer, {"train/grad_norm": norm})

@@ -73,6 +73,15 @@ class ClassificationTask(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning records the running hook's name here before and after every hook it calls, some fifty times a
+        # training step; nn.Module's __setattr__, which sorts values into parameters, buffers and submodules, costs
+        # more per call than a small network's metrics do. The name is only ever a string or None.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
