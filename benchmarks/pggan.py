@@ -2,14 +2,15 @@
 
 Why: a domain FID alone means little; next to the FID between two halves of the real test set (the best a
 generator can do with this many samples) and the FID of uniform noise (what no learning gives) it does. Each seed
-trains `experiment=pggan_mnist` through `zoo.run.train` (configs composed as `train.py` composes them) and is
-scored by its test step: the EMA generator at 32x32, domain FID, class coverage, KL of the class histogram to
-uniform and mean classifier confidence, mean ± std over seeds. A second table gives the wall time of the training
-steps of each growth phase (validation and scoring excluded).
+trains `experiment=pggan_mnist` (the 15-minute CPU recipe) or `pggan_gpu_mnist` (wider networks, 100k images a
+phase) through `zoo.run.train` (configs composed as `train.py` composes them) and is scored by its test step: the
+EMA generator at 32x32, domain FID, precision and recall, class coverage, KL of the class histogram to uniform and
+mean classifier confidence, mean ± std over seeds, for the best-`val/fid` and the last checkpoint. A second table
+gives the wall time of the training steps of each growth phase (validation and scoring excluded).
 
-    python benchmarks/pggan.py --device cuda                           # seeds 1,2,3 at the experiment's 100k/phase
-    python benchmarks/pggan.py --images-per-phase 10000 --seeds 1      # a short look on a CPU (about 20 minutes)
-    python benchmarks/pggan.py --device cuda --jobs 3                  # seeds in parallel processes
+    python benchmarks/pggan.py --seeds 1,2 --jobs 2 --threads 1      # the CPU recipe, two seeds at once
+    python benchmarks/pggan.py --experiment pggan_gpu_mnist --device cuda --jobs 3
+    python benchmarks/pggan.py --images-per-phase 10000 --seeds 1      # a shorter schedule of the chosen recipe
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ SCORES = ("fid", "precision", "recall", "coverage", "kl_uniform", "confidence")
 
 
 def compose_run(seed: int, root: Path, overrides: list[str]) -> Any:
-    # the scoring classifier is cached under root/data once, for every seed
-    return compose_config(["experiment=pggan_mnist", f"seed={seed}", *QUIET, *overrides], root, f"pggan_seed{seed}")
+    """`overrides` begins with `experiment=<name>`. The scoring classifier is cached under root/data once, for every
+    seed."""
+    return compose_config([*overrides[:1], f"seed={seed}", *QUIET, *overrides[1:]], root, f"pggan_seed{seed}")
 
 
 def run_one(seed: int, root: Path, overrides: list[str], threads: int | None) -> dict[str, Any]:
@@ -113,6 +115,7 @@ def quiet() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="pggan_mnist", choices=("pggan_mnist", "pggan_gpu_mnist"))
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--images-per-phase", type=int, default=None, help="default: the experiment's")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -123,7 +126,11 @@ def main() -> None:
     args = parser.parse_args()
     print(environment(), flush=True)
     quiet()
-    overrides = [f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", *args.override]
+    overrides = [
+        f"experiment={args.experiment}",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        *args.override,
+    ]
     if args.images_per_phase is not None:
         overrides.append(f"model.images_per_phase={args.images_per_phase}")
         from zoo.tasks.pggan import GrowthSchedule
@@ -164,8 +171,9 @@ def main() -> None:
     threads = f"threads {args.threads or torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
-        f"\nPGGAN on {cfg.data.name}, resolutions {resolutions}, {cfg.model.images_per_phase} images per phase, "
-        f"batch sizes {cfg.model.batch_sizes}; seeds {seeds}, device {device}, {threads}, jobs {args.jobs}"
+        f"\n{args.experiment} on {cfg.data.name}, resolutions {resolutions}, "
+        f"{cfg.model.images_per_phase} images per phase, batch sizes {cfg.model.batch_sizes}; seeds {seeds}, "
+        f"device {device}, {threads}, jobs {args.jobs}"
     )
     header = ["model", *SCORES, "run (s)"]
     lines = [header, ["---"] * len(header)]

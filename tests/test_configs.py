@@ -22,6 +22,7 @@ OFFLINE_EXPERIMENTS = [
 # slow tests
 SLOW_BATCH_RUNS = {
     "pggan_mnist",
+    "pggan_gpu_mnist",
     "cyclegan_digits",
     "cgan_mnist",
     "cvae_mnist",
