@@ -284,6 +284,7 @@ class Result:
     zoo: Timing
     lean: Timing
     bare: Timing
+    medians: dict[str, float]
 
     @property
     def ratio(self) -> float:
@@ -300,10 +301,15 @@ def zoo_config(
 
 
 def run_case(name: str, case: Case, epochs: int, repeats: int, device: torch.device, extra: list[str]) -> Result:
-    """Plain and the zoo variants in turn, `repeats` times; the best rate of each counts."""
+    """Plain and the zoo variants in turn, `repeats` times, every other time in reverse order so that a machine
+    speeding up or slowing down favours none; the best rate of each counts, and the medians are kept beside it."""
+    import statistics
+
     best: dict[str, Timing] = {}
+    rates: dict[str, list[float]] = {}
 
     def keep(kind: str, timing: Timing) -> None:
+        rates.setdefault(kind, []).append(timing.rate)
         if kind not in best or timing.rate > best[kind].rate:
             best[kind] = timing
 
@@ -312,13 +318,27 @@ def run_case(name: str, case: Case, epochs: int, repeats: int, device: torch.dev
         base = zoo_config(case, epochs, device, extra, "zoo", folder=folder)
         x, y = train_tensors(base, device)
         for repeat in range(repeats):
-            keep("plain", plain_fit(base, x, y, epochs, device))
-            for variant in VARIANTS:
-                cfg = zoo_config(case, epochs, device, extra, variant, folder / f"{variant}_{repeat}")
-                keep(variant, zoo_fit(cfg, device))
-            rates = ", ".join(f"{kind} {timing.rate:.1f}" for kind, timing in best.items())
-            print(f"  {name} repeat {repeat + 1}/{repeats}: {rates} steps/s (best so far)", flush=True)
-    return Result(name, case, best["plain"], best["zoo"], best["lean"], best["bare"])
+            kinds = ["plain", *VARIANTS]
+            for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
+                if kind == "plain":
+                    keep(kind, plain_fit(base, x, y, epochs, device))
+                else:
+                    keep(
+                        kind,
+                        zoo_fit(zoo_config(case, epochs, device, extra, kind, folder / f"{kind}_{repeat}"), device),
+                    )
+            so_far = ", ".join(f"{kind} {best[kind].rate:.1f}" for kind in kinds)
+            print(f"  {name} repeat {repeat + 1}/{repeats}: {so_far} steps/s (best so far)", flush=True)
+    medians = {kind: statistics.median(values) for kind, values in rates.items()}
+    return Result(name, case, best["plain"], best["zoo"], best["lean"], best["bare"], medians)
+
+
+def medians_line(result: Result) -> str:
+    plain = result.medians["plain"]
+    others = ", ".join(
+        f"{kind} {rate:.1f} ({rate / plain:.2f})" for kind, rate in result.medians.items() if kind != "plain"
+    )
+    return f"  {result.case.label}: plain {plain:.1f}, {others}"
 
 
 def results_table(results: list[Result]) -> str:
@@ -449,6 +469,10 @@ def main() -> None:
     print("checkpointing; bare Lightning = no callback, logger, progress bar or checkpoint either; overhead/step =")
     print("zoo's time per step minus the plain loop's)")
     print(results_table(results))
+    print(
+        "Median steps/s over the repeats (ratio to the plain loop's median), steadier than the best on a busy machine:"
+    )
+    print("\n".join(medians_line(r) for r in results))
 
     for r in results:
         if r.ratio >= r.case.target:
