@@ -26,7 +26,7 @@ from zoo.metrics.generative import (
     histogram_kl_to_uniform,
     kl_to_uniform,
 )
-from zoo.metrics.scorer import cached_scorer_path, load_or_train_scorer, scorer_key
+from zoo.metrics.scorer import SHIPPED_SCORERS, cached_scorer_path, load_or_train_scorer, scorer_key
 from zoo.nn.gan import DCGANDiscriminator, DCGANGenerator
 from zoo.run import build_model, train
 from zoo.tasks.gan import CriticSchedule, GANTask
@@ -322,6 +322,25 @@ def test_gan_configs_cache_their_scorer_by_key(tmp_path: Path) -> None:
         assert cfg.model.scorer.ckpt_path is None and cfg.model.scorer.cache_dir == str(tmp_path / "data" / "scorers")
     cfg = compose_config("train", ["experiment=pggan_mnist"], tmp_path)
     assert cfg.model.scorer.ckpt_path is None and cfg.model.scorer.cache_dir.endswith("scorers")
+
+
+def test_the_bundled_digits_are_scored_by_the_shipped_scorers(tmp_path: Path) -> None:
+    """Scores compare across machines only if every machine scores with the same weights: the default GAN and PGGAN
+    configs find the shipped file while their cache has none, load it without training, and a cached file of the
+    same name takes precedence. A change of the scorer's settings or data changes the key: ship a new file then."""
+    from hydra.utils import instantiate
+
+    for experiment in ("dcgan_mnist", "pggan_mnist"):
+        cfg = compose_config("train", [f"experiment={experiment}"], tmp_path / experiment)
+        datamodule = instantiate(cfg.data)
+        shipped = cached_scorer_path(cfg.model.scorer, datamodule)
+        assert shipped.parent == SHIPPED_SCORERS and shipped.is_file(), shipped
+        load_or_train_scorer(cfg.model.scorer, datamodule, torch.device("cpu"), cache=True)
+        cache = Path(cfg.model.scorer.cache_dir)
+        assert not cache.exists(), "loaded, not trained and cached"
+        cache.mkdir(parents=True)
+        (cache / shipped.name).write_bytes(shipped.read_bytes())
+        assert cached_scorer_path(cfg.model.scorer, datamodule) == cache / shipped.name
 
 
 # ---- 5. class coverage with a minimum share, and the KL of the class histogram to uniform -----------------------
