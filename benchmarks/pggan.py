@@ -38,9 +38,8 @@ SCORES = ("fid", "precision", "recall", "coverage", "kl_uniform", "confidence")
 
 
 def compose_run(seed: int, root: Path, overrides: list[str]) -> Any:
-    """`overrides` begins with `experiment=<name>`. The scoring classifier is cached under root/data once, for every
-    seed."""
-    return compose_config([*overrides[:1], f"seed={seed}", *QUIET, *overrides[1:]], root, f"pggan_seed{seed}")
+    # `overrides` name the experiment; the scoring classifier is cached under root/data once, for every seed
+    return compose_config([f"seed={seed}", *QUIET, *overrides], root, f"pggan_seed{seed}")
 
 
 def run_one(seed: int, root: Path, overrides: list[str], threads: int | None) -> dict[str, Any]:

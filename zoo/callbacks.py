@@ -365,36 +365,31 @@ class FrozenNormsInEval(Callback):
                 module.eval()
 
 
-class ModelCheckpoint(LightningModelCheckpoint):
-    """Lightning's ModelCheckpoint, cheaper at every training step.
-
-    Lightning builds a callback's `state_key` (here the class name and the repr of five settings) for every hook it
-    calls on it, even with no profiler: a dozen times a step for the two checkpoint callbacks. The settings in it
-    do not change after construction, so it is computed once; the class name is the same, so checkpoints of either
-    class load into the other. A batch end saves only with `every_n_train_steps` or `train_time_interval` set;
-    without them (the zoo's configs) it returns before reading the trainer's state.
-    """
+class _StateKeyOnce:
+    """Lightning builds a callback's `state_key` (its class name and the repr of its settings) for every hook it calls
+    on it, even with no profiler: a dozen times a training step for each of the checkpoint and stopping callbacks.
+    Their settings do not change after construction, so the key is computed once. Mixed in before the Lightning
+    class, it keeps the class name and so the key: checkpoints of either class load into the other."""
 
     @functools.cached_property
-    def state_key(self) -> str:  # type: ignore[override]
-        return super().state_key
+    def state_key(self) -> str:
+        return super().state_key  # type: ignore[misc]
+
+
+class ModelCheckpoint(_StateKeyOnce, LightningModelCheckpoint):
+    """Lightning's ModelCheckpoint, cheaper at every training step: its key computed once, and a batch end that
+    saves only with `every_n_train_steps` or `train_time_interval` set; without them (the zoo's configs) it returns
+    before reading the trainer's state."""
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._every_n_train_steps >= 1 or self._train_time_interval is not None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-class PlateauStopping(EarlyStopping):
+class PlateauStopping(_StateKeyOnce, EarlyStopping):
     """Lightning's early stopping, except for tasks that train for a budget rather than to a plateau: a task whose
     `stops_on_plateau` is False (DQN: its budget of environment steps and the policy it ends with; GANs, PGGAN and
-    CycleGAN: a schedule whose noisy image scores are not a loss that levels off) trains to its last epoch.
-
-    Its `state_key` is computed once, as ModelCheckpoint's above.
-    """
-
-    @functools.cached_property
-    def state_key(self) -> str:  # type: ignore[override]
-        return super().state_key
+    CycleGAN: a schedule whose noisy image scores are not a loss that levels off) trains to its last epoch."""
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if getattr(pl_module, "stops_on_plateau", True):

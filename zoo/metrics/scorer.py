@@ -152,15 +152,16 @@ def key_digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cached_scorer_path(spec: Mapping[str, Any], datamodule: Any) -> Path | None:
+def cached_scorer_path(spec: Mapping[str, Any], datamodule: Any, key: Mapping[str, Any] | None = None) -> Path | None:
     """Where the scorer lives: `spec.ckpt_path` when given (used as it is), else `<cache_dir>/<name>_cnn-<digest>.pt`
-    with the digest of `scorer_key`; while the cache holds no such file, the one of that name in SHIPPED_SCORERS if
-    there is one; None (train, never cache) without any of them."""
+    with the digest of `scorer_key` (`key`, when the caller has it: it hashes the training images); while the cache
+    holds no such file, the one of that name in SHIPPED_SCORERS if there is one; None (train, never cache) without
+    any of them."""
     if spec.get("ckpt_path"):
         return Path(str(spec["ckpt_path"])).expanduser()
     datamodule.setup("fit")
     name = str(getattr(datamodule, "name", None) or "images")
-    file_name = f"{name}_cnn-{key_digest(scorer_key(spec, datamodule))}.pt"
+    file_name = f"{name}_cnn-{key_digest(key if key is not None else scorer_key(spec, datamodule))}.pt"
     cached = Path(str(spec["cache_dir"])).expanduser() / file_name if spec.get("cache_dir") else None
     if (cached is None or not cached.is_file()) and (SHIPPED_SCORERS / file_name).is_file():
         return SHIPPED_SCORERS / file_name
@@ -176,11 +177,11 @@ def load_or_train_scorer(spec: Mapping[str, Any], datamodule: Any, device: torch
     Training runs under a forked RNG, so whether the cache existed does not change the GAN run.
     """
     datamodule.setup("fit")
-    path = cached_scorer_path(spec, datamodule)
+    key = scorer_key(spec, datamodule)
+    path = cached_scorer_path(spec, datamodule, key)
     splits = scoring_splits(datamodule)
     x, y = splits["train"]
     data = f"{type(datamodule).__name__} {list(x.shape)}"  # what the scorer was trained on
-    key = scorer_key(spec, datamodule)
     devices = [device.index or 0] if device.type == "cuda" else []
     if path is not None and path.is_file():
         # building the network draws initial weights; from the run's RNG, they would make a run whose scorer was
